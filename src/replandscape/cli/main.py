@@ -1,0 +1,71 @@
+"""Entry point of the ``replandscape`` command.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers) -> None`` (adds its parser and sets ``func``) .
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from replandscape import __version__
+from replandscape.errors import UserError
+
+SUBCOMMANDS = (
+    "validate",
+    "run",
+    "submit",
+    "status",
+    "ls",
+    "prompts",
+    "metrics",
+    "make_data",
+    "make_model",
+    "figures",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replandscape",
+        description="Representation landscape of few-shot learning and fine-tuning in LLMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"replandscape {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"replandscape.cli.{name}")
+        except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
+            if exc.name == f"replandscape.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"replandscape: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("replandscape: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

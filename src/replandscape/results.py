@@ -1,0 +1,166 @@
+"""Contract of the analysis results file (``analysis/results.json``): the one reader and writer.
+
+The figures read nothing else, so this module imports neither torch nor mpi4py.
+
+Layout (``schema_version`` 1)::
+
+    {
+      "kind": "replandscape.results",
+      "schema_version": 1,
+      "code_version": "...",
+      "analysis_params": {...},           # the AnalysisConfig used, as a dict
+      "analysis_params_hash": "sha256 hex",
+      "runs": {
+        RUN: {                            # e.g. "demo-llama/shots5", "demo-llama/ft-final"
+          "model": "demo-llama", "condition": "shots5", "shots": 5,
+          "finetuned": false, "checkpoint_step": null,
+          "n_sites": 8, "site_names": [...],
+          "accuracy": {"micro": 0.4, "macro": 0.38, "per_subject": {SUBJECT: acc}},
+          "provenance": {"activations": PATH, "config_hash": ..., "model_path": ..., ...}
+        }
+      },
+      "rows": [                           # one per (run, site)
+        {"run": RUN, "site": "input_layernorm.03", "site_index": 3, "relative_depth": 0.43,
+         "n_points": 300, "n_duplicates": 0,
+         "id_twonn": 7.1, "id_gride": [..6 scales..], "id_gride_ranks": [1, 2, 4, 8, 16, 32], "id": 9.2,
+         "n_peaks": 4, "core_fraction": 0.61,
+         "ari": {"subject": 0.3, "answer": 0.01},
+         "overlap": {"subject": 0.5, "answer": 0.3},
+         "dendrogram": null | {"linkage": [[...4 floats...]...], "leaf_labels": [...], "peak_sizes": [...]},
+         "seconds": 1.2}
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replandscape.errors import UserError
+
+RESULTS_KIND = "replandscape.results"
+RESULTS_SCHEMA_VERSION = 1
+
+ROW_REQUIRED = ("run", "site", "site_index", "relative_depth", "n_points", "id", "n_peaks",
+                "core_fraction", "ari")
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Stable hash of analysis parameters, so results of different parameters are not mixed."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: store NaN and infinities as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return _clean(value.item())
+    if hasattr(value, "tolist"):
+        return _clean(value.tolist())
+    return value
+
+
+@dataclass
+class Results:
+    """In-memory results of one or more analysis runs."""
+
+    analysis_params: dict[str, Any]
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    code_version: str = ""
+    path: Path | None = None
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.analysis_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": RESULTS_KIND,
+            "schema_version": RESULTS_SCHEMA_VERSION,
+            "code_version": self.code_version,
+            "analysis_params": self.analysis_params,
+            "analysis_params_hash": self.params_hash,
+            "runs": self.runs,
+            "rows": sorted(self.rows, key=lambda r: (r["run"], r["site_index"])),
+        }
+
+    def rows_for(self, run: str) -> list[dict[str, Any]]:
+        return sorted((r for r in self.rows if r["run"] == run), key=lambda r: r["site_index"])
+
+
+def write_results(results: Results, path: str | os.PathLike[str]) -> Path:
+    """Write atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _clean(results.to_dict())
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike[str]) -> Results:
+    """Read and check one results file; refuse other kinds and schema versions with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("results file not found", file=str(path),
+                        fix="run the analysis stage first (replandscape run analyze CONFIG)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"not a valid JSON results file ({exc.__class__.__name__})", file=str(path),
+                        fix="re-run the analysis stage to rewrite it") from None
+    if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND:
+        raise UserError("not a replandscape results file", file=str(path), key="kind",
+                        fix="pass the analysis/results.json written by 'replandscape run analyze'")
+    version = data.get("schema_version")
+    if version != RESULTS_SCHEMA_VERSION:
+        raise UserError(f"results schema version {version} is not supported (this code reads "
+                        f"{RESULTS_SCHEMA_VERSION})", file=str(path), key="schema_version",
+                        fix="re-run the analysis stage with this version of replandscape")
+    rows = data.get("rows", [])
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_REQUIRED if k not in row]
+        if missing:
+            raise UserError(f"row {i} lacks {', '.join(missing)}", file=str(path), key="rows",
+                            fix="re-run the analysis stage to rewrite it")
+    return Results(analysis_params=data.get("analysis_params", {}), runs=data.get("runs", {}),
+                   rows=list(rows), code_version=data.get("code_version", ""), path=path)
+
+
+def merge_results(parts: Iterable[Results]) -> list[Results]:
+    """Group results by analysis parameters: runs analysed with different parameters never share
+    one group (the figures draw each group separately)."""
+    groups: dict[str, Results] = {}
+    for part in parts:
+        key = part.params_hash
+        if key not in groups:
+            groups[key] = Results(analysis_params=part.analysis_params,
+                                  code_version=part.code_version, path=part.path)
+        group = groups[key]
+        group.runs.update(part.runs)
+        seen = {(r["run"], r["site"]) for r in group.rows}
+        group.rows.extend(r for r in part.rows if (r["run"], r["site"]) not in seen)
+    return list(groups.values())
