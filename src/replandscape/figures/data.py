@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,11 @@ class RunInfo:
     info: Mapping[str, Any]
 
 
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that orders numbers by value: ``llama-3-8b`` before ``llama-3-70b``."""
+    return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text))
+
+
 def run_info(results: Results, run: str) -> RunInfo:
     """Model and condition of ``run``, falling back to its name ``MODEL/CONDITION``."""
     info = results.runs.get(run, {})
@@ -40,12 +46,12 @@ def all_runs(results: Results) -> list[RunInfo]:
     """Every run named in ``runs`` or in ``rows``, sorted by model then condition."""
     names = set(results.runs) | {r["run"] for r in results.rows}
     infos = [run_info(results, n) for n in names]
-    return sorted(infos, key=lambda i: (i.model, i.condition.sort_key, i.run))
+    return sorted(infos, key=lambda i: (natural_key(i.model), i.condition.sort_key, i.run))
 
 
 def models(results: Results) -> list[str]:
     """Model names in sorted order."""
-    return sorted({i.model for i in all_runs(results)})
+    return sorted({i.model for i in all_runs(results)}, key=natural_key)
 
 
 def conditions(infos: list[RunInfo]) -> list[Condition]:

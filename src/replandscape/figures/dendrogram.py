@@ -100,7 +100,7 @@ def plot_dendrogram(results: Results, run: str, *, title: str | None = None) -> 
     pick = "" if site.best_overall else " (best site with a dendrogram)"
     with context():
         longest = max(len(s) for s in labels)
-        fig = new_figure(min(4.0 + 0.075 * longest, 11.0), 1.3 + 0.32 * n_leaves)
+        fig = new_figure(min(5.0 + 0.075 * longest, 11.0), 1.6 + 0.32 * n_leaves)
         ax = fig.add_subplot()
         hierarchy.dendrogram(linkage, labels=labels, orientation="right", ax=ax,
                              link_color_func=lambda _k: color, leaf_font_size=9)
@@ -109,6 +109,7 @@ def plot_dendrogram(results: Results, run: str, *, title: str | None = None) -> 
         ax.spines["left"].set_visible(False)
         ax.tick_params(axis="y", length=0)
         head = title or f"{info.model}, {info.condition.label}"
-        ax.set_title(f"{head}\nsite {row.get('site')}{depth_txt}, "
+        # Three short lines: a long single line would run past the figure's right edge.
+        ax.set_title(f"{head}\nsite {row.get('site')}{depth_txt}\n"
                      f"ARI with subjects {site.ari_subject:.2f}{pick}", loc="left")
     return fig

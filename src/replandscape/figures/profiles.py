@@ -36,7 +36,7 @@ def _draw_runs(ax: Axes, results: Results, runs: Sequence[RunInfo], key: str) ->
 
 def _legend(fig: Figure, conds: Sequence[Condition]) -> None:
     """A figure legend outside the axes, on the right: it never covers data."""
-    handles = [Line2D([], [], color=c.color, marker=c.marker, linestyle=c.linestyle)
+    handles = [Line2D([], [], color=c.color, marker=c.marker, linestyle=c.linestyle)  # type: ignore[arg-type]
                for c in conds]
     if handles:
         fig.legend(handles, [c.label for c in conds], loc="outside right upper",
@@ -99,6 +99,9 @@ def plot_ari(results: Results, target: str, *, title: str | None = None,
                 ax.set_ylabel(f"ARI with {ARI_TARGETS[target]}")
             else:
                 ax.tick_params(labelleft=False)
+        if first is not None:  # ARI is read against 0 (chance): keep 0 in view
+            lo, hi = first.get_ylim()
+            first.set_ylim(min(lo, 0.0), hi)
         fig.suptitle(title or f"Adjusted Rand index of density peaks with {ARI_TARGETS[target]}")
         _legend(fig, conditions(runs))
     return fig

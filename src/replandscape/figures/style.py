@@ -67,7 +67,7 @@ class Condition:
     sort_key: tuple[float, float, float, str]
 
 
-def _hex(rgba: Sequence[float]) -> str:
+def _hex(rgba: tuple[float, float, float, float]) -> str:
     return matplotlib.colors.to_hex(rgba)
 
 
@@ -110,7 +110,7 @@ def condition_color(name: str, info: Mapping[str, Any] | None = None) -> str:
 @contextmanager
 def context() -> Iterator[None]:
     """Fonts and line widths of the suite, for building and for saving a figure."""
-    with matplotlib.rc_context(RC):
+    with matplotlib.rc_context(RC):  # type: ignore[arg-type]
         yield
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from replandscape.figures.data import all_runs, conditions, number
+from replandscape.figures.data import all_runs, conditions, natural_key, number
 from replandscape.figures.style import Condition
 from replandscape.results import Results
 
@@ -26,7 +26,7 @@ def accuracy_table(results: Results) -> AccuracyTable:
     """Collect macro and micro accuracy (stored as fractions) in percent per model and condition."""
     runs = [i for i in all_runs(results) if i.run in results.runs]
     conds = conditions(runs)
-    names = sorted({i.model for i in runs})
+    names = sorted({i.model for i in runs}, key=natural_key)
     values: dict[str, dict[str, dict[str, float | None]]] = {
         kind: {m: {c.name: None for c in conds} for m in names} for kind, _ in KINDS}
     for info in runs:
