@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions ``run(cfg) -> result`` that know nothing about launching."""

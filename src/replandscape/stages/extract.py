@@ -1,0 +1,520 @@
+"""Extraction: last-token representations at every site, the model's answer, per condition.
+
+For each condition (k-shot prompts, or a fine-tuned checkpoint with 0-shot prompts) every eval
+question is run once, whatever the number of ranks: rows are split into contiguous blocks balanced
+by tokens, each rank runs its block in length-sorted batches and writes it with the storage
+contract. Forward hooks keep only the last real token's vector at each site (or the mean over
+prompt tokens), so no [batch, tokens, width] tensor outlives its layer. Logits are computed only
+for the kept token, by applying the output head to the final-norm vector.
+
+With several ranks and ``extract.zero_stage: 3`` the model is partitioned by DeepSpeed ZeRO-3
+(parameters gathered layer by layer), so every rank must run the same number of forward passes;
+ranks with fewer batches run small padding batches whose outputs are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replandscape import __version__
+from replandscape.config import ExperimentConfig, save_resolved
+from replandscape.data import load_split, select_eval_questions, shots_by_subject
+from replandscape.dist import torchdist
+from replandscape.errors import UserError
+from replandscape.prompts import LETTERS, PromptRecord, answer_suffix, build_prompts
+from replandscape.storage import (
+    ShardWriter,
+    SiteSpec,
+    encode_rows,
+    finalize_shards,
+    open_activations,
+    split_rows,
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the model is and what it is shown: k shots, or a fine-tuned checkpoint at 0 shots."""
+
+    name: str
+    shots: int
+    adapter: str | None = None
+    checkpoint_step: int | None = None
+
+
+@dataclass
+class ExtractResult:
+    files: dict[str, Path] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def code_version() -> str:
+    """The checkout's git description, else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def shot_conditions(cfg: ExperimentConfig) -> list[Condition]:
+    return [Condition(name=f"shots{k}", shots=k) for k in cfg.prompts.shots]
+
+
+def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
+    """The saved adapters of the finetune stage (final, or all log-spaced ones)."""
+    folder = cfg.output_dir / "finetune"
+    index = folder / "checkpoints.json"
+    if not index.is_file():
+        raise UserError("no fine-tuned checkpoints", file=str(index),
+                        fix="run the finetune stage first (replandscape run finetune CONFIG)")
+    entries = json.loads(index.read_text())
+    if isinstance(entries, dict):
+        entries = entries.get("checkpoints", [])
+    conds = []
+    for entry in entries:
+        path = Path(entry["path"])
+        if not path.is_absolute():
+            path = folder / path
+        final = bool(entry.get("final")) or path.name == "adapter-final"
+        if cfg.extract.checkpoints == "final" and not final:
+            continue
+        name = "ft-final" if final else f"ft-step{int(entry['step']):06d}"
+        conds.append(Condition(name=name, shots=0, adapter=str(path),
+                               checkpoint_step=int(entry["step"])))
+    if not conds:
+        raise UserError("no usable fine-tuned checkpoint listed", file=str(index),
+                        fix="re-run the finetune stage")
+    return conds
+
+
+# --------------------------------------------------------------------------------------------
+# sites and hooks
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_parts(model: Any) -> tuple[Any, Sequence[Any], Any, Any]:
+    """(decoder, blocks, final norm, output head) of a causal LM, found by structure."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not hasattr(decoder, "layers"):
+        decoder = getattr(model, "model", None)
+    blocks = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+    head = model.get_output_embeddings()
+    if blocks is None or norm is None or head is None:
+        raise UserError(f"cannot find decoder blocks, final norm and output head in "
+                        f"{type(model).__name__}", key="model.path",
+                        fix="use a Llama/Mistral-style AutoModelForCausalLM")
+    return decoder, blocks, norm, head
+
+
+def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
+    width = max(2, len(str(n_blocks - 1)))
+    names = []
+    for kind in kinds:
+        if kind in ("norm", "logits"):
+            names.append(kind)
+        else:
+            names.extend(f"{kind}.{i:0{width}d}" for i in range(n_blocks))
+    return names
+
+
+class LastTokenCapture:
+    """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean)."""
+
+    def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
+        self.decoder, self.blocks, self.norm, self.head = decoder_parts(model)
+        self.kinds = list(kinds)
+        self.pooling = pooling
+        self.names = site_names(kinds, len(self.blocks))
+        self.out: dict[str, Any] = {}
+        self.positions: Any = None
+        self.mask: Any = None
+        self.last_norm: Any = None
+        self.handles: list[Any] = []
+
+    def _reduce(self, hidden: Any) -> Any:
+        import torch
+
+        if isinstance(hidden, (tuple, list)):
+            hidden = hidden[0]
+        if self.pooling == "mean":
+            m = self.mask.to(hidden.dtype).unsqueeze(-1)
+            summed = torch.where(m > 0, hidden, torch.zeros_like(hidden)).float().sum(1)
+            return summed / self.mask.sum(1, keepdim=True).float()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.positions]
+
+    def _output_hook(self, name: str) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            self.out[name] = self._reduce(output)
+
+        return hook
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(_module: Any, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.out[name] = self._reduce(hidden)
+
+        return hook
+
+    def _norm_hook(self, _module: Any, _args: Any, output: Any) -> None:
+        import torch
+
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self.last_norm = hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                self.positions]
+        if "norm" in self.kinds:
+            self.out["norm"] = self._reduce(hidden)
+
+    def __enter__(self) -> LastTokenCapture:
+        width = max(2, len(str(len(self.blocks) - 1)))
+        for kind in self.kinds:
+            for i, block in enumerate(self.blocks):
+                name = f"{kind}.{i:0{width}d}"
+                if kind == "input_layernorm":
+                    self.handles.append(block.input_layernorm.register_forward_hook(
+                        self._output_hook(name)))
+                elif kind == "post_attention_layernorm":
+                    self.handles.append(block.post_attention_layernorm.register_forward_hook(
+                        self._output_hook(name)))
+                elif kind == "residual":
+                    self.handles.append(block.register_forward_pre_hook(
+                        self._input_hook(name), with_kwargs=True))
+                elif kind == "block_output":
+                    self.handles.append(block.register_forward_hook(self._output_hook(name)))
+        self.handles.append(self.norm.register_forward_hook(self._norm_hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def run(self, input_ids: Any, attention_mask: Any) -> tuple[dict[str, Any], Any]:
+        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V])."""
+        import torch
+
+        self.out = {}
+        self.mask = attention_mask
+        idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        self.positions = (attention_mask * idx).argmax(1)
+        # explicit positions: left padding must not shift a prompt's positions
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, use_cache=False)
+        logits = self.head(self.last_norm)
+        if "logits" in self.kinds:
+            self.out["logits"] = logits
+        return self.out, logits
+
+
+# --------------------------------------------------------------------------------------------
+# tokens and batches
+# --------------------------------------------------------------------------------------------
+
+
+def letter_token_ids(tokenizer: Any, n_choices: int) -> list[int]:
+    """Token ids of the answer letters exactly as they follow ``Answer:`` in a shot."""
+    prefix = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in LETTERS[:n_choices]:
+        full = tokenizer("Answer:" + answer_suffix(letter), add_special_tokens=False)["input_ids"]
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
+            raise UserError(f"the tokenizer does not encode '{answer_suffix(letter)}' after "
+                            "'Answer:' as one token", key="model.path",
+                            fix="use a tokenizer with single-token answer letters")
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise UserError("answer letters share a token", key="model.path", fix="check the tokenizer")
+    return ids
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_length: int,
+             ids: Sequence[int]) -> list[list[int]]:
+    encoded = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out = []
+    for qid, tokens in zip(ids, encoded):
+        tokens = list(tokens)
+        if add_bos and bos is not None and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        if len(tokens) > context_length:
+            raise UserError(f"question {qid}: the prompt has {len(tokens)} tokens, over the "
+                            f"model's context of {context_length}", key="prompts.shots",
+                            fix="use fewer shots or a model with a longer context")
+        out.append(tokens)
+    return out
+
+
+def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
+                 max_batch_tokens: int) -> list[np.ndarray]:
+    """Length-sorted batches (longest first) under a size and a padded-token budget."""
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for row in order:
+        n = int(lengths[row])
+        width = max(longest, n)
+        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, width = [], n
+        current.append(int(row))
+        longest = width
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+def collate(token_lists: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        t = torch.as_tensor(tokens, dtype=torch.long)
+        if side == "left":
+            ids[i, width - len(t):] = t
+            mask[i, width - len(t):] = 1
+        else:
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+
+def stage_hash(cfg: ExperimentConfig, condition: Condition) -> str:
+    """Identity of one condition's output: only what changes the stored rows counts."""
+    d = cfg.to_dict()
+    key = {"data": d["data"], "prompts": {"seed": d["prompts"]["seed"],
+                                          "add_bos": d["prompts"]["add_bos"]},
+           "model": d["model"], "extract": {k: v for k, v in d["extract"].items()
+                                            if k not in ("batch_size", "max_batch_tokens",
+                                                         "device", "checkpoints")},
+           "condition": [condition.name, condition.shots, condition.checkpoint_step]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    engine: Any = None
+
+
+def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None) -> LoadedModel:
+    import torch
+
+    from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    dtype = cfg.model.dtype if device.startswith("cuda") else cfg.model.cpu_dtype
+    tokenizer = load_tokenizer(path, cfg.model.revision, cfg.extract.padding_side)
+    zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
+    if zero3 and adapter is None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds_config = zero3_inference_config(dtype)
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while alive
+        model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
+        engine = deepspeed.initialize(model=model, config=ds_config)[0]
+        engine.module.eval()
+        del keep
+        return LoadedModel(engine.module, tokenizer, device, dtype, engine)
+    model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu",
+                           adapter=adapter)
+    if zero3:  # adapters are merged in full precision first, then partitioned
+        import deepspeed
+
+        engine = deepspeed.initialize(model=model, config=zero3_inference_config(dtype))[0]
+        engine.module.eval()
+        return LoadedModel(engine.module, tokenizer, device, dtype, engine)
+    model.to(device)
+    torch.set_grad_enabled(False)
+    return LoadedModel(model, tokenizer, device, dtype)
+
+
+def zero3_inference_config(dtype: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "overlap_comm": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _store_dtype(cfg: ExperimentConfig, model_dtype: str) -> str:
+    return model_dtype if cfg.extract.store_dtype == "model" else cfg.extract.store_dtype
+
+
+def prepare_records(cfg: ExperimentConfig, shots: int) -> list[PromptRecord]:
+    questions = select_eval_questions(load_split(cfg.data, cfg.data.eval_split), cfg.data,
+                                      cfg.run.seed)
+    pool = shots_by_subject(load_split(cfg.data, cfg.data.shot_split)) if shots else {}
+    return build_prompts(questions, pool, shots, cfg.prompts.seed)
+
+
+def existing_output(cfg: ExperimentConfig, condition: Condition) -> Path | None:
+    """The finished file of a condition, if any; one holding another config is refused."""
+    final = cfg.output_dir / "activations" / f"{condition.name}.h5"
+    if not final.exists():
+        return None
+    with open_activations(final) as af:
+        if af.attrs.get("stage_hash") != stage_hash(cfg, condition):
+            raise UserError("the output already holds a different config", file=str(final),
+                            key="stage_hash", fix="use another run.output_dir or delete the file")
+    return final
+
+
+def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: LoadedModel,
+                      records: Sequence[PromptRecord] | None = None,
+                      stop_after_batches: int | None = None) -> Path:
+    """Extract one condition into ``activations/<name>.h5``; resumes a partial run."""
+    import torch
+
+    info = torchdist.rank_info() if torchdist.is_distributed() else torchdist.RankInfo(0, 1, 0)
+    out_dir = cfg.output_dir / "activations"
+    final = out_dir / f"{condition.name}.h5"
+    s_hash = stage_hash(cfg, condition)
+    existing = existing_output(cfg, condition)
+    if existing is not None:
+        return existing
+    if records is None:
+        records = prepare_records(cfg, condition.shots)
+    tokenizer = loaded.tokenizer
+    tokens = tokenize(tokenizer, [r.prompt for r in records], cfg.prompts.add_bos,
+                      cfg.model.context_length, [r.id for r in records])
+    lengths = np.asarray([len(t) for t in tokens], dtype=np.int64)
+    letter_ids = letter_token_ids(tokenizer, cfg.data.num_choices)
+    capture = LastTokenCapture(loaded.model, cfg.extract.sites, cfg.extract.pooling)
+    store = _store_dtype(cfg, loaded.dtype)
+    head_dim = loaded.model.config.vocab_size
+    hidden = loaded.model.config.hidden_size
+    specs = [SiteSpec(n, head_dim if n == "logits" else hidden, store) for n in capture.names]
+    start, stop = split_rows(lengths.tolist(), info.world_size)[info.rank]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(final, info.rank, info.world_size, start, stop, specs, s_hash)
+    done = writer.done_mask()
+    todo = np.arange(start, stop)[~done]
+    batches = plan_batches(todo, lengths, cfg.extract.batch_size, cfg.extract.max_batch_tokens)
+    n_batches = len(batches)
+    if loaded.engine is not None:  # ZeRO-3: every rank runs the same number of forwards
+        n_batches = max(torchdist.all_gather_object(len(batches)))
+    pad_id = tokenizer.pad_token_id
+    letters = torch.as_tensor(letter_ids, device=loaded.device)
+    progress = _progress(n_batches, f"extract {condition.name}", info.is_main)
+    answers = np.asarray([r.answer for r in records], dtype=np.int64)
+    try:
+        with capture, torch.inference_mode():
+            for b in range(n_batches):
+                if stop_after_batches is not None and b >= stop_after_batches:
+                    os._exit(17)  # test hook: die like a killed job, mid-run
+                rows = batches[b] if b < len(batches) else None
+                seqs = [tokens[i] for i in rows] if rows is not None else [tokens[0][:1]]
+                ids, mask = collate(seqs, pad_id, cfg.extract.padding_side)
+                out, logits = capture.run(ids.to(loaded.device), mask.to(loaded.device))
+                progress.update(1)
+                if rows is None:
+                    continue
+                predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
+                site_values = {n: encode_rows(out[n].detach().cpu(), store) for n in capture.names}
+                writer.write(rows, site_values, {
+                    "question_id": np.asarray([records[i].id for i in rows]),
+                    "answer": answers[rows], "predicted": predicted,
+                    "correct": predicted == answers[rows], "n_tokens": lengths[rows]})
+    finally:
+        progress.close()
+        writer.close(complete=True)
+    torchdist.barrier()
+    if info.is_main:
+        header = {
+            "site_names": capture.names, "model_name": cfg.model.name,
+            "model_path": cfg.model.path, "model_revision": cfg.model.revision or "",
+            "condition": condition.name, "shots": condition.shots,
+            "checkpoint": condition.adapter or "", "checkpoint_step": (
+                -1 if condition.checkpoint_step is None else condition.checkpoint_step),
+            "finetuned": condition.adapter is not None,
+            "config": cfg.to_yaml(), "config_hash": cfg.hash, "stage_hash": s_hash,
+            "code_version": code_version(), "pooling": cfg.extract.pooling,
+            "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
+            "dtype": loaded.dtype, "store_dtype": store,
+        }
+        finalize_shards(final, info.world_size, specs, header, [r.subject for r in records],
+                        [r.prompt for r in records])
+    torchdist.barrier()
+    return final
+
+
+class _NullProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, show: bool) -> Any:
+    if not show:
+        return _NullProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
+
+
+def run(cfg: ExperimentConfig, *, finetuned: bool = False,
+        stop_after_batches: int | None = None) -> ExtractResult:
+    """Extract every condition of ``cfg`` (k-shot ones, or the fine-tuned checkpoints)."""
+    device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
+    info = torchdist.init_distributed(device)
+    conditions = finetuned_conditions(cfg) if finetuned else shot_conditions(cfg)
+    result = ExtractResult()
+    if info.is_main:
+        save_resolved(cfg, cfg.output_dir)
+    base: LoadedModel | None = None
+    t0 = time.perf_counter()
+    for cond in conditions:
+        existing = existing_output(cfg, cond)
+        if existing is not None:
+            path = existing
+            result.skipped.append(cond.name)
+        else:
+            if cond.adapter is not None:
+                loaded = load_for_extraction(cfg, device, cond.adapter)
+            else:
+                base = base or load_for_extraction(cfg, device, None)
+                loaded = base
+            path = extract_condition(cfg, cond, loaded, stop_after_batches=stop_after_batches)
+        with open_activations(path) as af:
+            result.accuracy[cond.name] = af.accuracy
+        result.files[cond.name] = path
+        if info.is_main:
+            acc = result.accuracy[cond.name]
+            torchdist.print0(f"[extract] {cond.name}: {path} accuracy micro={acc['micro']:.3f} "
+                             f"macro={acc['macro']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    return result
