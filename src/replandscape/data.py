@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from replandscape.config import BUILTIN_PREFIX, DataConfig, looks_like_hub_id
+from replandscape.config import BUILTIN_PREFIX, DataConfig, ExperimentConfig, looks_like_hub_id
 from replandscape.errors import UserError
 
 REQUIRED_FIELDS = ("question", "choices", "answer", "subject")
@@ -222,3 +222,29 @@ def shots_by_subject(questions: Sequence[Question]) -> dict[str, list[Question]]
 
 def subject_counts(questions: Sequence[Question]) -> Counter[str]:
     return Counter(q.subject for q in questions)
+
+
+def check_config_against_data(cfg: ExperimentConfig) -> int:
+    """Checks that need the data itself (local or bundled sources only); returns the points per
+    site the analysis will see."""
+    if looks_like_hub_id(cfg.data.source) and not Path(cfg.data.source).is_dir():
+        return -1  # not downloaded on the login node; checked when the stage runs
+    questions = select_eval_questions(load_split(cfg.data, cfg.data.eval_split), cfg.data,
+                                      cfg.run.seed)
+    if any(k > 0 for k in cfg.prompts.shots):
+        pool = shots_by_subject(load_split(cfg.data, cfg.data.shot_split))
+        need = max(cfg.prompts.shots)
+        for subject in sorted({q.subject for q in questions}):
+            have = len(pool.get(subject, ()))
+            if have < need:
+                raise UserError(f"{need} shots asked but subject '{subject}' has {have} "
+                                f"'{cfg.data.shot_split}' questions", file=cfg.source_file,
+                                key="prompts.shots", fix=f"use at most {have} shots")
+    counts = subject_counts(questions)
+    cap = cfg.analysis.per_subject_cap
+    n_points = sum(min(c, cap) if cap is not None else c for c in counts.values())
+    if cfg.analysis.maxk >= n_points:
+        raise UserError(f"maxk={cfg.analysis.maxk} but the analysis sees {n_points} points",
+                        file=cfg.source_file, key="analysis.maxk",
+                        fix=f"set analysis.maxk below {n_points} or use more questions")
+    return n_points

@@ -23,8 +23,8 @@ SUBCOMMANDS = (
     "ls",
     "prompts",
     "metrics",
-    "make_data",
-    "make_model",
+    "make-data",
+    "make-model",
     "figures",
     "demo",
 )
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"replandscape.cli.{name}")
+            module = importlib.import_module(f"replandscape.cli.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
-            if exc.name == f"replandscape.cli.{name}":
+            if exc.name == f"replandscape.cli.{name.replace('-', '_')}":
                 continue
             raise
         module.register(sub)

@@ -1,0 +1,161 @@
+"""The mpi4py layer: the communicator, dynamic work sharing, thread caps and prompt aborts.
+
+Tasks are handed out through a shared counter in an MPI window (one atomic fetch-and-add per task),
+so every rank works and a rank that finishes early takes the next task; no rank sits idle as a
+master. A rank that fails prints its error and aborts the whole job, so no rank waits forever in a
+collective call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from replandscape.errors import UserError
+
+
+def launched_by_mpi() -> bool:
+    """True when this process was started by mpiexec/mpirun or srun with an MPI plugin."""
+    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+    return any(k in os.environ for k in keys)
+
+
+class _SerialComm:
+    """A communicator of one, for runs outside MPI (same calls as mpi4py's)."""
+
+    rank = 0
+    size = 1
+
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's spelling
+        return 0
+
+    def Get_size(self) -> int:  # noqa: N802
+        return 1
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any]:
+        return [obj]
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def allreduce(self, obj: Any, op: Any = None) -> Any:
+        return obj
+
+    def Barrier(self) -> None:  # noqa: N802
+        pass
+
+    barrier = Barrier
+
+    def Abort(self, code: int = 1) -> None:  # noqa: N802
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def world() -> Any:
+    """COMM_WORLD when launched by MPI, else a serial stand-in (no MPI initialised)."""
+    if not launched_by_mpi():
+        return _SerialComm()
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+@dataclass
+class SharedCounter:
+    """An integer in rank 0's memory that any rank can fetch-and-increment atomically."""
+
+    comm: Any
+    win: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.comm, _SerialComm):
+            self._local = 0
+            return
+        import numpy as np
+        from mpi4py import MPI
+
+        size = np.dtype(np.int64).itemsize if self.comm.rank == 0 else 0
+        self.win = MPI.Win.Allocate(size, np.dtype(np.int64).itemsize, comm=self.comm)
+        if self.comm.rank == 0:
+            buf = np.frombuffer(self.win.tomemory(), dtype=np.int64)
+            buf[0] = 0
+        self.comm.Barrier()
+
+    def next(self) -> int:
+        if self.win is None:
+            value = self._local
+            self._local += 1
+            return value
+        import numpy as np
+        from mpi4py import MPI
+
+        one = np.ones(1, dtype=np.int64)
+        got = np.zeros(1, dtype=np.int64)
+        self.win.Lock(0, MPI.LOCK_SHARED)
+        self.win.Fetch_and_op(one, got, 0, 0, MPI.SUM)
+        self.win.Unlock(0)
+        return int(got[0])
+
+    def free(self) -> None:
+        if self.win is not None:
+            self.win.Free()
+            self.win = None
+
+
+def dynamic_tasks(comm: Any, n_tasks: int) -> Iterator[int]:
+    """Yield task indices to this rank until all ``n_tasks`` are taken (each exactly once)."""
+    counter = SharedCounter(comm)
+    try:
+        while True:
+            task = counter.next()
+            if task >= n_tasks:
+                break
+            yield task
+    finally:
+        comm.Barrier()
+        counter.free()
+
+
+def static_split(n_tasks: int, rank: int, size: int) -> list[int]:
+    """Round-robin split: rank r takes r, r + size, ... (every task once)."""
+    return list(range(rank, n_tasks, size))
+
+
+def threads_per_rank(comm: Any, requested: int | None) -> int:
+    """Cores of this node shared among the ranks on it (at least one thread each)."""
+    if requested:
+        return requested
+    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
+    if not local:
+        local = comm.size
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(1, local))
+
+
+@contextmanager
+def abort_on_error(comm: Any, what: str) -> Iterator[None]:
+    """Turn any exception on one rank into a printed error and an abort of every rank."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"replandscape: error: rank {comm.rank}: {what}: {exc}", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.Abort(1)
+        raise
+    except Exception:
+        print(f"replandscape: rank {comm.rank} failed in {what}:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.size > 1:
+            comm.Abort(1)
+        raise

@@ -1,0 +1,236 @@
+"""Analysis: the geometry of every (run, site), spread over MPI ranks, gathered into one file.
+
+Serial (``replandscape run analyze CONFIG``) or under ``mpiexec``/``srun --mpi=pmix``. Each task is
+one site of one activation file; ranks take tasks dynamically, read only the site they work on, and
+write one small JSON per task (atomically), so a re-run skips finished tasks and an aborted job keeps
+what it had. Rank 0 then gathers the task files into ``analysis/results.json`` with the provenance of
+each run. The metrics themselves are pure functions (:mod:`replandscape.metrics.geometry`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replandscape import __version__
+from replandscape.config import AnalysisConfig, ExperimentConfig
+from replandscape.dist import mpi
+from replandscape.errors import UserError
+from replandscape.results import Results, params_hash, write_results
+
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+
+@dataclass(frozen=True)
+class Task:
+    run: str
+    condition: str
+    path: str
+    site: str
+    site_index: int
+    n_sites: int
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.run}__{self.site}")
+
+
+def analysis_params(cfg: AnalysisConfig) -> dict[str, Any]:
+    """What changes the numbers (not how many ranks or threads computed them)."""
+    d = dataclasses.asdict(cfg)
+    for key in ("threads_per_rank", "ranks", "sites", "engine"):
+        d.pop(key, None)
+    return d
+
+
+def geometry_params(cfg: AnalysisConfig, compute_dendrogram: bool, threads: int | None) -> Any:
+    from replandscape.metrics.geometry import GeometryParams
+
+    return GeometryParams(maxk=cfg.maxk, range_max=cfg.range_max,
+                          id_scale_index=cfg.id_scale_index, density_k=cfg.density_k, Z=cfg.z,
+                          overlap_fraction=cfg.overlap_fraction,
+                          dendrogram_min_size=cfg.dendrogram_min_size,
+                          dendrogram_label_fraction=cfg.dendrogram_label_fraction,
+                          engine=cfg.engine, threads=threads,
+                          compute_dendrogram=compute_dendrogram)
+
+
+def activation_files(cfg: ExperimentConfig) -> list[Path]:
+    folder = cfg.output_dir / "activations"
+    files = sorted(p for p in folder.glob("*.h5") if not p.name.endswith(".mpio.h5"))
+    if not files:
+        raise UserError("no activation files", file=str(folder),
+                        fix="run the extract stage first (replandscape run extract CONFIG)")
+    return files
+
+
+def balanced_subsample(question_ids: np.ndarray, subjects: np.ndarray, cap: int | None,
+                       seed: int) -> np.ndarray:
+    """Row mask keeping at most ``cap`` questions per subject, chosen from (seed, subject)."""
+    keep = np.zeros(len(question_ids), dtype=bool)
+    for subject in sorted(set(subjects.tolist())):
+        rows = np.flatnonzero(subjects == subject)
+        if cap is not None and len(rows) > cap:
+            order = sorted(rows.tolist(), key=lambda r: int(question_ids[r]))
+            rows = np.asarray(sorted(random.Random(f"{seed}:{subject}").sample(order, cap)))
+        keep[rows] = True
+    return keep
+
+
+def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task], dict[str, Any]]:
+    """Tasks for every file and site, plus per-run metadata (accuracy, provenance)."""
+    from replandscape.storage import open_activations
+
+    tasks: list[Task] = []
+    runs: dict[str, Any] = {}
+    for path in files:
+        with open_activations(path) as af:
+            attrs = af.attrs
+            names = af.site_names
+            condition = str(attrs["condition"])
+            run = f"{attrs['model_name']}/{condition}"
+            step = int(attrs.get("checkpoint_step", -1))
+            runs[run] = {
+                "model": str(attrs["model_name"]), "condition": condition,
+                "shots": int(attrs["shots"]), "finetuned": bool(attrs.get("finetuned", False)),
+                "checkpoint_step": None if step < 0 else step, "n_sites": len(names),
+                "site_names": names, "accuracy": af.accuracy,
+                "provenance": {"activations": str(path), "config_hash": attrs.get("config_hash"),
+                               "model_path": attrs.get("model_path"),
+                               "model_revision": attrs.get("model_revision"),
+                               "checkpoint": attrs.get("checkpoint"),
+                               "code_version": attrs.get("code_version"),
+                               "n_rows": int(attrs["n_rows"])},
+            }
+        wanted = cfg.analysis.sites
+        for i, name in enumerate(names):
+            if wanted is not None and i not in wanted and (i - len(names)) not in wanted:
+                continue
+            tasks.append(Task(run, condition, str(path), name, i, len(names)))
+    if cfg.analysis.sites is not None:
+        bad = [s for s in cfg.analysis.sites if not -len(names) <= s < len(names)]
+        if bad:
+            raise UserError(f"site index {bad[0]} does not exist (the files hold {len(names)} "
+                            "sites)", key="analysis.sites",
+                            fix=f"use indices 0..{len(names) - 1} (or negative from the end)")
+    return tasks, runs
+
+
+def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool) -> dict[str, Any]:
+    """Load one site, subsample, compute the geometry; returns the results row."""
+    from threadpoolctl import threadpool_limits
+
+    from replandscape.metrics.geometry import compute_geometry
+    from replandscape.storage import open_activations
+
+    t0 = time.perf_counter()
+    with open_activations(task.path) as af:
+        subjects = af.rows("subject")
+        answers = af.rows("answer")
+        qids = af.rows("question_id")
+        keep = balanced_subsample(qids, subjects, cfg.analysis.per_subject_cap, cfg.run.seed)
+        rows = np.flatnonzero(keep)
+        x = af.site(task.site, rows)
+    names = sorted(set(subjects[rows].tolist()))
+    codes = np.asarray([names.index(s) for s in subjects[rows]], dtype=np.int64)
+    labels = {"subject": codes, "answer": answers[rows].astype(np.int64)}
+    params = geometry_params(cfg.analysis, dendrogram, threads)
+    try:
+        with threadpool_limits(limits=threads):
+            result = compute_geometry(x, labels, params, label_names={"subject": names})
+    except UserError as exc:
+        raise UserError(f"{task.run} site {task.site}: {exc}") from None
+    row = result.to_json_dict()
+    row.update(run=task.run, site=task.site, site_index=task.site_index,
+               relative_depth=task.site_index / max(1, task.n_sites - 1),
+               n_subsampled=int(len(rows)), seconds_total=time.perf_counter() - t0)
+    return row
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _read_task(path: Path, phash: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data["row"] if data.get("params_hash") == phash else None
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    """Analyse every (run, site) of ``cfg``'s activations; returns the results file path."""
+    comm = mpi.world()
+    out = cfg.output_dir / "analysis"
+    task_dir = out / "tasks"
+    params = analysis_params(cfg.analysis)
+    phash = params_hash(params)
+    with mpi.abort_on_error(comm, "planning"):
+        if comm.rank == 0:
+            task_dir.mkdir(parents=True, exist_ok=True)
+            tasks, runs = plan_tasks(cfg, activation_files(cfg))
+            plan = (tasks, runs)
+        else:
+            plan = None
+        tasks, runs = comm.bcast(plan, root=0)
+    threads = mpi.threads_per_rank(comm, cfg.analysis.threads_per_rank)
+    done_here = 0
+    progress = _progress(len(tasks), comm.rank == 0)
+    for index in mpi.dynamic_tasks(comm, len(tasks)):
+        task = tasks[index]
+        path = task_dir / f"{task.key}.json"
+        if path.exists() and _read_task(path, phash) is not None:
+            progress.update(1)
+            continue
+        with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
+            row = run_task(task, cfg, threads, cfg.analysis.dendrogram)
+        _atomic_json(path, {"params_hash": phash, "row": row})
+        done_here += 1
+        progress.update(1)
+    progress.close()
+    counts = comm.gather(done_here, root=0)
+    results_path = out / "results.json"
+    if comm.rank == 0:
+        rows = []
+        for task in tasks:
+            row = _read_task(task_dir / f"{task.key}.json", phash)
+            if row is None:
+                raise UserError(f"task {task.key} has no result", file=str(task_dir),
+                                fix="re-run the analysis")
+            rows.append(row)
+        results = Results(analysis_params=params, runs=runs, rows=rows, code_version=__version__)
+        write_results(results, results_path)
+        print(f"[analyze] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
+              f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
+    comm.Barrier()
+    return results_path
+
+
+class _Null:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _Null()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="analyze", unit="site", leave=False, mininterval=1.0)
