@@ -94,8 +94,23 @@ def init_distributed(device: str) -> RankInfo:
     import deepspeed
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "gloo":
+        skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return info
+
+
+def skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op (75-90 s on first use):
+    gloo does the job on CPU ranks. ``deepspeed.ops.__compatible_ops__`` is read only by op
+    builders; setting it before first use also skips probing every op with a compiler."""
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__dict__
+    if "__compatible_ops__" not in ops:
+        ops["__compatible_ops__"] = {"deepspeed_shm_comm": False}
+    else:
+        ops["__compatible_ops__"]["deepspeed_shm_comm"] = False
 
 
 def is_distributed() -> bool:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -393,8 +394,7 @@ def existing_output(cfg: ExperimentConfig, condition: Condition) -> Path | None:
 
 
 def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: LoadedModel,
-                      records: Sequence[PromptRecord] | None = None,
-                      stop_after_batches: int | None = None) -> Path:
+                      records: Sequence[PromptRecord] | None = None) -> Path:
     """Extract one condition into ``activations/<name>.h5``; resumes a partial run."""
     import torch
 
@@ -430,11 +430,10 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     letters = torch.as_tensor(letter_ids, device=loaded.device)
     progress = _progress(n_batches, f"extract {condition.name}", info.is_main)
     answers = np.asarray([r.answer for r in records], dtype=np.int64)
+    batch_lines = os.environ.get("REPLANDSCAPE_BATCH_LINES") == "1"
     try:
         with capture, torch.inference_mode():
             for b in range(n_batches):
-                if stop_after_batches is not None and b >= stop_after_batches:
-                    os._exit(17)  # test hook: die like a killed job, mid-run
                 rows = batches[b] if b < len(batches) else None
                 seqs = [tokens[i] for i in rows] if rows is not None else [tokens[0][:1]]
                 ids, mask = collate(seqs, pad_id, cfg.extract.padding_side)
@@ -448,6 +447,9 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                     "question_id": np.asarray([records[i].id for i in rows]),
                     "answer": answers[rows], "predicted": predicted,
                     "correct": predicted == answers[rows], "n_tokens": lengths[rows]})
+                if batch_lines:
+                    print(f"[extract] rank {info.rank} wrote batch {b + 1}/{len(batches)} "
+                          f"({condition.name})", file=sys.stderr, flush=True)
     finally:
         progress.close()
         writer.close(complete=True)
@@ -464,6 +466,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
             "code_version": code_version(), "pooling": cfg.extract.pooling,
             "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
             "dtype": loaded.dtype, "store_dtype": store,
+            "zero_stage": 3 if loaded.engine is not None else 0,
         }
         finalize_shards(final, info.world_size, specs, header, [r.subject for r in records],
                         [r.prompt for r in records])
@@ -487,8 +490,7 @@ def _progress(total: int, desc: str, show: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
 
 
-def run(cfg: ExperimentConfig, *, finetuned: bool = False,
-        stop_after_batches: int | None = None) -> ExtractResult:
+def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
     """Extract every condition of ``cfg`` (k-shot ones, or the fine-tuned checkpoints)."""
     device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
     info = torchdist.init_distributed(device)
@@ -509,7 +511,7 @@ def run(cfg: ExperimentConfig, *, finetuned: bool = False,
             else:
                 base = base or load_for_extraction(cfg, device, None)
                 loaded = base
-            path = extract_condition(cfg, cond, loaded, stop_after_batches=stop_after_batches)
+            path = extract_condition(cfg, cond, loaded)
         with open_activations(path) as af:
             result.accuracy[cond.name] = af.accuracy
         result.files[cond.name] = path
