@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"run.output_dir={args.out}", *args.overrides]
     cfg = load_config(config_file, overrides)
     if cfg.cluster.executor == "slurm":
-        from replandscape.sweep import submit_experiment
+        from replandscape.launch import submit_experiment
 
         return submit_experiment(config_file, overrides, wait=True)
     t0 = time.perf_counter()

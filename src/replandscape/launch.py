@@ -1,0 +1,219 @@
+"""Submitting a plan to Slurm with submitit: one callable per stage, requeued on preemption.
+
+:class:`StageJob` is what runs on the nodes: it loads the config and calls the stage in-process
+(ranks come from Slurm: one task per GPU for extraction and fine-tuning, one MPI rank per task for
+the analysis). It is ``Checkpointable``: on a timeout or preemption submitit requeues the same call,
+and every stage resumes from what it has written (done masks, DeepSpeed checkpoints, task files).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from replandscape.config import config_root, load_config
+from replandscape.errors import UserError
+from replandscape.sweep import (
+    JobSpec,
+    Sweep,
+    check_outputs_free,
+    check_partition,
+    plan_sweep,
+    single_experiment,
+)
+
+TERMINAL_OK = ("COMPLETED",)
+TERMINAL_BAD = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED")
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Run one stage of one experiment on the allocated nodes."""
+
+    def __call__(self, stage: str, config_file: str, overrides: Sequence[str]) -> str:
+        from replandscape.pipeline import run_stage
+
+        cfg = load_config(config_file, list(overrides))
+        run_stage(stage, cfg)
+        return str(cfg.output_dir)
+
+
+class SweepFiguresJob(submitit.helpers.Checkpointable):
+    """Draw the figures of every experiment of a sweep together."""
+
+    def __call__(self, results: Sequence[str], out_dir: str, what: Sequence[str],
+                 formats: Sequence[str]) -> list[str]:
+        from replandscape.figures import render_all
+        from replandscape.results import read_results
+
+        loaded = [read_results(p) for p in results]
+        return [str(p) for p in render_all(loaded, Path(out_dir), what=tuple(what),
+                                            formats=tuple(formats))]
+
+
+def _executor(job: JobSpec, folder: Path, dependency: str | None) -> Any:
+    c = job.cluster
+    ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=3)
+    setup = list(c.get("setup") or ())
+    setup.append(f"export PYTHONPATH={config_root().parent / 'src'}:${{PYTHONPATH:-}}")
+    setup += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}", "export HDF5_USE_FILE_LOCKING=FALSE"]
+    params: dict[str, Any] = dict(
+        job_name=f"rl-{job.key.replace('/', '-')}", partition=c["partition"],
+        time=job.timeout_min, nodes=job.nodes, ntasks_per_node=job.tasks_per_node,
+        cpus_per_task=job.cpus_per_task, mem=f"{job.mem_gb}GB", setup=setup,
+        array_parallelism=c.get("max_array_parallel", 16), signal_delay_s=120)
+    if job.gpus_per_node:
+        params["gpus_per_node"] = job.gpus_per_node
+    for key in ("account", "qos", "constraint"):
+        if c.get(key):
+            params[key] = c[key]
+    if c.get("exclusive"):
+        params["exclusive"] = True
+    if dependency:
+        params["dependency"] = dependency
+    if job.stage == "analyze" and c.get("mpi") in ("pmix", "pmi2"):
+        params["srun_args"] = [f"--mpi={c['mpi']}"]
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str, Any]:
+    """Submit every incomplete job, chained with afterok; returns the record written to disk."""
+    ids: dict[str, list[str]] = {}
+    record: dict[str, Any] = {"sweep": sweep.name, "source": sweep.source,
+                              "output_root": str(sweep.output_root), "submitted": time.time(),
+                              "jobs": []}
+    for job in jobs:
+        entry: dict[str, Any] = {"key": job.key, "stage": job.stage, "outputs": list(job.outputs),
+                                 "done_before": job.done, "job_ids": [],
+                                 "labels": list(job.array_labels)}
+        record["jobs"].append(entry)
+        if job.done:
+            continue
+        parents = [i.split("_")[0] for d in job.depends_on for i in ids.get(d, [])]
+        dependency = f"afterok:{':'.join(dict.fromkeys(parents))}" if parents else None
+        ex = _executor(job, folder, dependency)
+        if job.stage == "figures":
+            results = [str(Path(j.outputs[0])) for j in jobs if j.stage == "analyze"]
+            cfg = sweep.experiments[0].cfg
+            handles = [ex.submit(SweepFiguresJob(), results, job.outputs[0],
+                                 list(cfg.figures.what), list(cfg.figures.formats))]
+        elif job.array:
+            with ex.batch():
+                handles = [ex.submit(StageJob(), job.stage, job.config_file,
+                                     [*job.overrides, *extra]) for extra in job.array]
+        else:
+            handles = [ex.submit(StageJob(), job.stage, job.config_file, list(job.overrides))]
+        entry["job_ids"] = [h.job_id for h in handles]
+        entry["logs"] = [str(h.paths.stderr) for h in handles]
+        ids[job.key] = entry["job_ids"]
+    return record
+
+
+def sweep_record_path(output_root: Path, name: str) -> Path:
+    return output_root / f"sweep-{name}.json"
+
+
+def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
+           wait_timeout_s: float = 24 * 3600) -> int:
+    """Validate, plan and (unless dry) submit a sweep; optionally wait for it to end."""
+    jobs = plan_sweep(sweep)
+    cluster = sweep.experiments[0].cfg.cluster
+    where = sweep.experiments[0].config_file
+    if dry_run:
+        print(f"sweep {sweep.name}: {len(jobs)} job(s) on '{cluster.name}' "
+              f"(partition {cluster.partition})")
+        for job in jobs:
+            print("  " + job.describe())
+        return 0
+    if cluster.executor != "slurm":
+        raise UserError(f"cluster profile '{cluster.name}' does not submit to Slurm",
+                        file=where, key="cluster.executor",
+                        fix="add cluster=local-slurm (or your site's profile) to the command")
+    assert cluster.partition is not None
+    check_partition(cluster.partition, where)
+    check_outputs_free(sweep)
+    sweep.output_root.mkdir(parents=True, exist_ok=True)
+    folder = sweep.output_root / "slurm-logs"
+    record = submit_plan(sweep, jobs, folder)
+    path = sweep_record_path(sweep.output_root, sweep.name)
+    path.write_text(json.dumps(record, indent=1))
+    queued = sum(len(j["job_ids"]) for j in record["jobs"])
+    print(f"submitted {queued} job(s) of sweep {sweep.name}; status: replandscape status "
+          f"{sweep.output_root}")
+    if not wait:
+        return 0
+    return wait_for(record, wait_timeout_s)
+
+
+def job_states(ids: Sequence[str]) -> dict[str, str]:
+    """State of each job id from sacct (array tasks as 123_4)."""
+    import subprocess
+
+    if not ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j",
+                          ",".join(dict.fromkeys(i.split("_")[0] for i in ids))],
+                         capture_output=True, text=True, timeout=60)
+    states: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        if "|" in line:
+            jid, state = line.split("|", 1)
+            states[jid.strip()] = state.strip().split(" ")[0]
+    return {i: states.get(i, "PENDING" if i.split("_")[0] in states else "UNKNOWN") for i in ids}
+
+
+def wait_for(record: dict[str, Any], timeout_s: float, poll_s: float = 3.0) -> int:
+    """Wait until every job ends; a failure cancels what depends on it. 0 when all completed."""
+    import subprocess
+
+    ids = [i for j in record["jobs"] for i in j["job_ids"]]
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        states = job_states(ids)
+        summary = ", ".join(f"{j['key']}={'/'.join(states[i] for i in j['job_ids'])}"
+                            for j in record["jobs"] if j["job_ids"])
+        if summary != last:
+            print(f"[submit] {summary}", file=sys.stderr, flush=True)
+            last = summary
+        bad = [i for i, s in states.items() if s in TERMINAL_BAD]
+        if bad:
+            rest = [i for i, s in states.items() if s not in TERMINAL_OK + TERMINAL_BAD]
+            if rest:
+                subprocess.run(["scancel", *dict.fromkeys(i.split("_")[0] for i in rest)],
+                               timeout=60)
+            for job in record["jobs"]:
+                for jid, log in zip(job["job_ids"], job.get("logs", [])):
+                    if jid in bad:
+                        print(f"[submit] {job['key']} ({jid}) {states[jid]}: "
+                              f"{last_error_line(Path(log))}", file=sys.stderr)
+            return 1
+        if all(s in TERMINAL_OK for s in states.values()):
+            return 0
+        if time.monotonic() > deadline:
+            print("[submit] timed out waiting for the jobs", file=sys.stderr)
+            return 1
+        time.sleep(poll_s)
+
+
+def last_error_line(log: Path) -> str:
+    """The line of a job's stderr that says what went wrong."""
+    if not log.is_file():
+        return f"(no log at {log})"
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("replandscape: error:") or "Error:" in ln or "Error" in ln.split(":")[0]:
+            return ln
+    return lines[-1] if lines else "(empty log)"
+
+
+def submit_experiment(config_file: str, overrides: Sequence[str], *, wait: bool = True) -> int:
+    """Run one experiment's stages as Slurm jobs (the demo with cluster=local-slurm)."""
+    return submit(single_experiment(config_file, overrides), wait=wait)

@@ -1,0 +1,298 @@
+"""Sweeps: expanding models x shots x fine-tuning into Slurm jobs with resources and dependencies.
+
+This module only plans (no submitit, no Slurm calls except the optional partition check), so
+``--dry-run`` and the tests see exactly what would be queued. :mod:`replandscape.launch` submits a
+plan with submitit.
+
+A sweep file::
+
+    sweep:
+      name: paper
+      output_root: outputs/paper          # each experiment writes to output_root/<run.name>
+      experiments: [configs/experiments/mmlu-llama3-8b.yaml, ...]
+      shots: [0, 1, 2, 5]                 # optional: replaces prompts.shots everywhere
+      finetune: true                      # optional: replaces finetune.enabled everywhere
+      overrides: ["analysis.maxk=500"]    # optional: applied to every experiment
+
+Per experiment: ``extract`` (a job array, one task per shot count), ``finetune``, ``extract-ft``
+(after finetune), ``analyze`` (after both; MPI ranks through srun); then one ``figures`` job after
+every analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replandscape.config import (
+    ExperimentConfig,
+    build_dataclass,
+    config_root,
+    load_config,
+    parse_override,
+    read_yaml,
+)
+from replandscape.errors import UserError
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    output_root: str
+    experiments: tuple[str, ...]
+    shots: tuple[int, ...] | None = None
+    finetune: bool | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config_file: str
+    overrides: tuple[str, ...]
+    cfg: ExperimentConfig
+
+
+@dataclass
+class Sweep:
+    name: str
+    output_root: Path
+    experiments: list[Experiment]
+    source: str
+
+
+@dataclass
+class JobSpec:
+    """One Slurm job (or job array) of a plan."""
+
+    key: str
+    stage: str
+    config_file: str
+    overrides: tuple[str, ...]
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_gb: int
+    timeout_min: int
+    depends_on: tuple[str, ...] = ()
+    array: tuple[tuple[str, ...], ...] = ()  # extra overrides per array task
+    array_labels: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    done: bool = False
+    cluster: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tasks(self) -> int:
+        return max(1, len(self.array))
+
+    def describe(self) -> str:
+        res = (f"nodes={self.nodes} tasks/node={self.tasks_per_node} gpus/node={self.gpus_per_node}"
+               f" cpus/task={self.cpus_per_task} mem={self.mem_gb}G time={self.timeout_min}min")
+        arr = f" array[{','.join(self.array_labels)}]" if self.array else ""
+        dep = f" after {', '.join(self.depends_on)}" if self.depends_on else ""
+        state = " (complete: skipped)" if self.done else ""
+        return f"{self.key}{arr}: {res}{dep}{state}"
+
+
+def _resolve_path(text: str, sweep_file: Path) -> str:
+    path = Path(text)
+    if path.is_absolute() and path.exists():
+        return str(path)
+    for base in (Path.cwd(), config_root(sweep_file.parent).parent, sweep_file.parent):
+        if (base / path).is_file():
+            return str((base / path).resolve())
+    return str(path)
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Load a sweep file and every experiment config in it (all validated before any submit)."""
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = [k for k in data if k != "sweep"]
+    if unknown:
+        raise UserError("unknown top-level key", file=str(path), key=unknown[0],
+                        fix="a sweep file holds only 'sweep:'")
+    spec = build_dataclass(SweepSpec, data["sweep"], "sweep", str(path))
+    if not spec.experiments:
+        raise UserError("no experiments", file=str(path), key="sweep.experiments",
+                        fix="list experiment config files")
+    group_overrides = [o for o in overrides if parse_override(o)[0][0] in ("cluster", "model")
+                       or o.startswith(("cluster.", "model."))]
+    other = [o for o in overrides if o not in group_overrides]
+    names: set[str] = set()
+    experiments = []
+    for i, exp in enumerate(spec.experiments):
+        file = _resolve_path(exp, path)
+        if not Path(file).is_file():
+            raise UserError(f"experiment config '{exp}' not found", file=str(path),
+                            key=f"sweep.experiments[{i}]", fix="check the path")
+        extra = list(spec.overrides) + list(group_overrides) + list(other)
+        if spec.shots is not None:
+            extra.append(f"prompts.shots=[{','.join(str(k) for k in spec.shots)}]")
+        if spec.finetune is not None:
+            extra.append(f"finetune.enabled={str(spec.finetune).lower()}")
+        cfg = load_config(file, extra)
+        if cfg.run.name in names:
+            raise UserError(f"two experiments are named '{cfg.run.name}'", file=str(path),
+                            key=f"sweep.experiments[{i}]", fix="give each a distinct run.name")
+        names.add(cfg.run.name)
+        out = Path(spec.output_root) / cfg.run.name
+        extra.append(f"run.output_dir={out}")
+        cfg = load_config(file, extra)
+        experiments.append(Experiment(file, tuple(extra), cfg))
+    return Sweep(spec.name, Path(spec.output_root), experiments, str(path))
+
+
+def single_experiment(config_file: str, overrides: Sequence[str]) -> Sweep:
+    """A one-experiment sweep (the demo on Slurm, ``replandscape submit CONFIG``)."""
+    cfg = load_config(config_file, overrides)
+    return Sweep(cfg.run.name, cfg.output_dir, [Experiment(config_file, tuple(overrides), cfg)],
+                 config_file)
+
+
+# --------------------------------------------------------------------------------------------
+# resources
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_layout(cfg: ExperimentConfig, gpus: int) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node): one task per GPU, or one CPU task without GPUs."""
+    c = cfg.cluster
+    if c.gpus_per_node == 0:
+        return 1, 1, 0
+    per_node = min(gpus, c.gpus_per_node, cfg.model.gpus_per_node)
+    nodes = math.ceil(gpus / per_node)
+    return nodes, per_node, per_node
+
+
+def _job(cfg: ExperimentConfig, exp: Experiment, stage: str, key: str, *, gpus: int,
+         ranks: int | None = None, **kw: Any) -> JobSpec:
+    c = cfg.cluster
+    if ranks is not None:
+        nodes, tasks, gpn = 1, ranks, 0
+    else:
+        nodes, tasks, gpn = _gpu_layout(cfg, gpus)
+    cpus = c.cpus_per_task if ranks is None else max(1, c.cpus_per_task)
+    mem = c.mem_gb_per_node
+    return JobSpec(key=key, stage=stage, config_file=exp.config_file, overrides=exp.overrides,
+                   nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpn, cpus_per_task=cpus,
+                   mem_gb=mem, timeout_min=c.timeout_min, cluster=dataclasses.asdict(c), **kw)
+
+
+def check_resources(job: JobSpec, cfg: ExperimentConfig, where: str) -> None:
+    c = cfg.cluster
+    if job.gpus_per_node > c.gpus_per_node:
+        raise UserError(f"job {job.key} needs {job.gpus_per_node} GPUs per node, the profile has "
+                        f"{c.gpus_per_node}", file=where, key="cluster.gpus_per_node",
+                        fix="use a cluster profile with more GPUs per node or lower model.gpus")
+    cpus = job.tasks_per_node * job.cpus_per_task
+    if cpus > c.cpus_per_node:
+        raise UserError(f"job {job.key} needs {cpus} CPUs per node, the profile has "
+                        f"{c.cpus_per_node}", file=where, key="cluster.cpus_per_task",
+                        fix="lower cluster.cpus_per_task or analysis.ranks")
+
+
+def plan_sweep(sweep: Sweep) -> list[JobSpec]:
+    """Every job of the sweep, in submission order, with dependencies by key."""
+    from replandscape.stages.extract import shot_conditions
+
+    jobs: list[JobSpec] = []
+    analyses: list[str] = []
+    for exp in sweep.experiments:
+        cfg = exp.cfg
+        name = cfg.run.name
+        out = cfg.output_dir
+        shots = [c.shots for c in shot_conditions(cfg)]
+        pending = [k for k in shots if not _complete_h5(out / "activations" / f"shots{k}.h5")]
+        extract = _job(cfg, exp, "extract", f"{name}/extract", gpus=cfg.model.gpus,
+                       array=tuple((f"prompts.shots=[{k}]",) for k in (pending or shots)),
+                       array_labels=tuple(f"shots{k}" for k in (pending or shots)),
+                       outputs=tuple(str(out / "activations" / f"shots{k}.h5") for k in shots),
+                       done=not pending)
+        jobs.append(extract)
+        deps = [extract.key]
+        if cfg.finetune.enabled:
+            ft = _job(cfg, exp, "finetune", f"{name}/finetune", gpus=cfg.model.gpus,
+                      outputs=(str(out / "finetune" / "checkpoints.json"),),
+                      done=(out / "finetune" / "adapter-final" / "adapter_config.json").is_file())
+            jobs.append(ft)
+            ft_done = ft.done and any(_complete_h5(p) for p in out.glob("activations/ft-final.h5"))
+            eft = _job(cfg, exp, "extract-ft", f"{name}/extract-ft", gpus=cfg.model.gpus,
+                       depends_on=(ft.key,), outputs=(str(out / "activations" / "ft-final.h5"),),
+                       done=ft_done)
+            jobs.append(eft)
+            deps.append(eft.key)
+        results = out / "analysis" / "results.json"
+        an_done = results.is_file() and all(results.stat().st_mtime >= Path(o).stat().st_mtime
+                                            for j in jobs if j.key in deps for o in j.outputs
+                                            if Path(o).exists()) and all(
+            j.done for j in jobs if j.key in deps)
+        analyze = _job(cfg, exp, "analyze", f"{name}/analyze", gpus=0,
+                       ranks=cfg.analysis.ranks, depends_on=tuple(deps),
+                       outputs=(str(results),), done=an_done)
+        jobs.append(analyze)
+        analyses.append(analyze.key)
+    first = sweep.experiments[0]
+    figures = _job(first.cfg, first, "figures", f"{sweep.name}/figures", gpus=0, ranks=1,
+                   depends_on=tuple(analyses), outputs=(str(sweep.output_root / "figures"),))
+    figures.overrides = tuple(figures.overrides)
+    jobs.append(figures)
+    for exp in sweep.experiments:
+        for job in jobs:
+            if job.key.startswith(f"{exp.cfg.run.name}/"):
+                check_resources(job, exp.cfg, exp.config_file)
+    # a dependency on a complete job is dropped; a job after an incomplete one is not complete
+    done = {j.key for j in jobs if j.done}
+    for job in jobs:
+        if any(d not in done for d in job.depends_on):
+            job.done = False
+            done.discard(job.key)
+        job.depends_on = tuple(d for d in job.depends_on if d not in done)
+    return jobs
+
+
+def _complete_h5(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        from replandscape.storage import open_activations
+
+        with open_activations(path):
+            return True
+    except UserError:
+        return False
+
+
+def check_partition(partition: str, where: str) -> None:
+    """Refuse a partition the cluster does not have (when sinfo is here to ask)."""
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        return
+    try:
+        out = subprocess.run([sinfo, "-h", "-o", "%R"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if out.returncode != 0:
+        return
+    names = {p.strip().rstrip("*") for p in out.stdout.split()}
+    if names and partition not in names:
+        raise UserError(f"partition '{partition}' does not exist on this cluster",
+                        file=where, key="cluster.partition",
+                        fix=f"use one of {', '.join(sorted(names))}")
+
+
+def check_outputs_free(sweep: Sweep) -> None:
+    """Refuse to write over outputs made with another config (two sweeps, one output root)."""
+    for exp in sweep.experiments:
+        stamp = exp.cfg.output_dir / "config.sha256"
+        if stamp.is_file() and stamp.read_text().strip() != exp.cfg.hash:
+            raise UserError("the output folder holds results of a different config",
+                            file=str(exp.cfg.output_dir), key="run.output_dir",
+                            fix="choose another sweep.output_root or run.output_dir")
