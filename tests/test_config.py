@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,7 @@ def test_shots_beyond_the_shot_split_are_refused(tmp_path: Path) -> None:
     data.mkdir()
     row = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 1, "subject": "law"}
     for split, n in (("dev", 2), ("test", 30)):
-        (data / f"{split}.jsonl").write_text("".join(yaml.safe_dump(row, default_flow_style=True)
-                                                      .replace("\n", "") + "\n" for _ in range(n)))
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(n)))
     path = tiny_config(tmp_path, data={"source": str(data), "limit": None}, prompts={"shots": [3]})
     line = one_line_error(cli("validate", str(path)))
     assert "prompts.shots" in line and "'law' has 2" in line
