@@ -174,11 +174,13 @@ def _gpu_layout(cfg: ExperimentConfig, gpus: int) -> tuple[int, int, int]:
 def _job(cfg: ExperimentConfig, exp: Experiment, stage: str, key: str, *, gpus: int,
          ranks: int | None = None, **kw: Any) -> JobSpec:
     c = cfg.cluster
-    if ranks is not None:
-        nodes, tasks, gpn = 1, ranks, 0
+    cpus = c.cpus_per_task
+    if ranks is not None:  # CPU ranks (MPI analysis), spread over as many nodes as they need
+        cpus = cfg.analysis.threads_per_rank or c.cpus_per_task
+        per_node = max(1, c.cpus_per_node // cpus)
+        nodes, tasks, gpn = math.ceil(ranks / per_node), min(ranks, per_node), 0
     else:
         nodes, tasks, gpn = _gpu_layout(cfg, gpus)
-    cpus = c.cpus_per_task if ranks is None else max(1, c.cpus_per_task)
     mem = c.mem_gb_per_node
     return JobSpec(key=key, stage=stage, config_file=exp.config_file, overrides=exp.overrides,
                    nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpn, cpus_per_task=cpus,

@@ -27,6 +27,7 @@ SUBCOMMANDS = (
     "make-model",
     "figures",
     "demo",
+    "sbatch",
 )
 
 
