@@ -63,10 +63,14 @@ die() {  # die MESSAGE [LOGFILE...]: print the message and the tail of each log,
 # pid_alive PIDFILE NAME: the pid in PIDFILE is a live (not zombie) process called NAME.
 # Zombies are common here (pid 1 may not reap), so `kill -0` is not enough; checking the
 # command name guards against a stale pid file whose pid was reused.
-pid_of() { [ -s "$1" ] && tr -dc '0-9' <"$1"; }
+pid_of() { [ -s "$1" ] && { tr -dc '0-9' <"$1"; } 2>/dev/null; }
 pid_alive() {
-  local pid stat comm
+  local pid
   pid=$(pid_of "$1") || return 1
+  proc_alive "$pid" "$2"
+}
+proc_alive() {  # proc_alive PID NAME
+  local pid=$1 stat comm
   [ -n "$pid" ] || return 1
   stat=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
   [[ -n $stat && $stat != Z* ]] || return 1
@@ -83,18 +87,19 @@ wait_for() {
   done
 }
 
-# stop_pidfile PIDFILE NAME: SIGTERM, wait (bounded), then SIGKILL.
+# stop_pidfile PIDFILE NAME: SIGTERM, wait (bounded), then SIGKILL. The pid is read once:
+# slurmd removes its pid file as soon as it gets SIGTERM, long before it has exited.
 stop_pidfile() {
-  local pidfile=$1 name=$2 pid i
+  local pidfile=$1 name=$2 pid
   if pid_alive "$pidfile" "$name"; then
     pid=$(pid_of "$pidfile")
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do  # up to 10 s
-      pid_alive "$pidfile" "$name" || break
+    for _ in $(seq 50); do  # up to 5 s
+      proc_alive "$pid" "$name" || break
       sleep 0.1
     done
-    if pid_alive "$pidfile" "$name"; then
-      log "$name (pid $pid) ignored SIGTERM: SIGKILL"
+    if proc_alive "$pid" "$name"; then
+      log "$name (pid $pid) still running 5 s after SIGTERM: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       sleep 0.2
     fi
@@ -102,7 +107,24 @@ stop_pidfile() {
   rm -f "$pidfile"
 }
 
-node_state() { sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n1; }
+# Another cluster on the same ports would answer our health checks (sacctmgr, scontrol ping) while
+# our own daemon failed to bind: refuse to start a daemon whose port is taken.
+port_free() {  # port_free PORT DAEMON
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    die "port $1 for $2 is already in use (another Slurm cluster? stop it, or set REPLANDSCAPE_SLURM_PORT_BASE)"
+  fi
+}
+
+# Client commands retry for many seconds when slurmctld is down: ask only a live one, with a timeout.
+node_state() {
+  pid_alive "$RUN/slurmctld.pid" slurmctld || return 0
+  timeout 10 sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n1
+}
+queued_jobs() {
+  pid_alive "$RUN/slurmctld.pid" slurmctld || return 0
+  timeout 10 squeue -h -o '%A' 2>/dev/null || true
+}
+queue_empty() { [ -z "$(queued_jobs)" ]; }
 node_ok() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 db_ok() { mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping >/dev/null 2>&1; }
@@ -174,6 +196,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$((PORT_BASE + 2))
 JobCompType=jobcomp/none
+# schedule at once (the default delays batch jobs by up to 3 s)
+SchedulerParameters=batch_sched_delay=0
 DefMemPerCPU=$def_mem
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
@@ -229,7 +253,7 @@ start_mariadb() {
   log "starting mariadbd"
   setsid mariadbd --no-defaults --user=root --datadir="$DB_DIR" --socket="$DB_SOCK" \
     --pid-file="$DB_PID" --skip-networking --skip-name-resolve --innodb-buffer-pool-size=256M \
-    --log-error="$LOG/mariadb.log" </dev/null >>"$LOG/mariadb.log" 2>&1 &
+    --log-error="$LOG/mariadb.log" </dev/null 9>&- >>"$LOG/mariadb.log" 2>&1 &
   wait_for "$TIMEOUT" db_ok || die "mariadbd did not answer within ${TIMEOUT}s" "$LOG/mariadb.log"
   wait_for 5 pid_alive "$DB_PID" mariadbd || die "mariadbd wrote no pid file" "$LOG/mariadb.log"
 }
@@ -264,7 +288,7 @@ start_munge() {
   runuser -u munge -- test -w "$mlog" || mlog=$MUNGE_DIR
   log "starting munged"
   runuser -u munge -- munged --force --log-file="$mlog/munged.log" \
-    </dev/null >>"$LOG/munged.out" 2>&1 || die "munged failed to start" "$LOG/munged.out" "$mlog/munged.log"
+    </dev/null 9>&- >>"$LOG/munged.out" 2>&1 || die "munged failed to start" "$LOG/munged.out" "$mlog/munged.log"
   touch "$RUN/munged.ours"   # stop only a munged that this script started
   wait_for "$TIMEOUT" munge_ok || die "munge did not answer within ${TIMEOUT}s" "$mlog/munged.log"
 }
@@ -272,24 +296,29 @@ start_munge() {
 start_slurmdbd() {
   pid_alive "$RUN/slurmdbd.pid" slurmdbd && dbd_ok && return 0
   stop_pidfile "$RUN/slurmdbd.pid" slurmdbd
+  port_free $((PORT_BASE + 2)) slurmdbd
   log "starting slurmdbd"
-  setsid slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1 || die "slurmdbd failed to start" "$LOG/slurmdbd.log"
+  setsid slurmdbd </dev/null 9>&- >>"$LOG/slurmdbd.log" 2>&1 || die "slurmdbd failed to start" "$LOG/slurmdbd.log"
   wait_for "$TIMEOUT" dbd_ok ||
     die "slurmdbd did not answer sacctmgr within ${TIMEOUT}s" "$LOG/slurmdbd.log" "$LOG/mariadb.log"
+  wait_for 5 pid_alive "$RUN/slurmdbd.pid" slurmdbd || die "slurmdbd is not running" "$LOG/slurmdbd.log"
 }
 
 start_slurmctld() {
   pid_alive "$RUN/slurmctld.pid" slurmctld && return 0
+  port_free "$PORT_BASE" slurmctld
   log "starting slurmctld"
-  setsid slurmctld </dev/null >>"$LOG/slurmctld.log" 2>&1 || die "slurmctld failed to start" "$LOG/slurmctld.log"
+  setsid slurmctld </dev/null 9>&- >>"$LOG/slurmctld.log" 2>&1 || die "slurmctld failed to start" "$LOG/slurmctld.log"
   wait_for "$TIMEOUT" scontrol ping ||
     die "slurmctld did not answer within ${TIMEOUT}s" "$LOG/slurmctld.log" "$LOG/slurmdbd.log"
+  wait_for 5 pid_alive "$RUN/slurmctld.pid" slurmctld || die "slurmctld is not running" "$LOG/slurmctld.log"
 }
 
 start_slurmd() {
   pid_alive "$RUN/slurmd.pid" slurmd && return 0
+  port_free $((PORT_BASE + 1)) slurmd
   log "starting slurmd"
-  setsid slurmd </dev/null >>"$LOG/slurmd.log" 2>&1 || die "slurmd failed to start" "$LOG/slurmd.log"
+  setsid slurmd </dev/null 9>&- >>"$LOG/slurmd.log" 2>&1 || die "slurmd failed to start" "$LOG/slurmd.log"
 }
 
 wait_node() {
@@ -324,19 +353,53 @@ cmd_start() {
   # sacct must know the cluster (slurmctld registers it with slurmdbd when it starts)
   wait_for "$TIMEOUT" sacct -n -X -S now ||
     die "sacct does not answer within ${TIMEOUT}s" "$LOG/slurmctld.log" "$LOG/slurmdbd.log"
+  healthy || die "the cluster is not healthy after its start" "$LOG/slurmctld.log" "$LOG/slurmd.log" "$LOG/slurmdbd.log"
   log "running: cluster $CLUSTER, partition $PARTITION, node $NODE ($STATE)"
 }
 
-cmd_stop() {
-  local ids
-  if [ -f "$SLURM_CONF_FILE" ] && pid_alive "$RUN/slurmctld.pid" slurmctld; then
-    ids=$(squeue -h -o '%A' 2>/dev/null || true)
-    if [ -n "$ids" ]; then
-      # shellcheck disable=SC2086
-      scancel $ids >/dev/null 2>&1 || true
-      wait_for 15 test -z "$(squeue -h -o '%A' 2>/dev/null)" || log "jobs still in the queue; stopping anyway"
+# Pids of the processes of this cluster's jobs that are still running or completing: its
+# slurmstepd processes (they inherit our SLURM_CONF from slurmd), processes whose environment
+# has our SLURM_CONF and a SLURM_JOB_ID (an srun of a batch script outlives the script's
+# slurmstepd for a few seconds: proctrack/linuxproc loses it when it is reparented), and
+# everything below them. This script and its ancestors are never listed.
+job_processes() {
+  local f p roots=() mine=" " q=$$
+  while [ -n "$q" ] && [ "$q" -gt 1 ]; do
+    mine+="$q "
+    q=$(ps -o ppid= -p "$q" 2>/dev/null | tr -d ' ')
+  done
+  for f in $(grep -lzxF "SLURM_CONF=$SLURM_CONF_FILE" /proc/[0-9]*/environ 2>/dev/null || true); do
+    p=${f#/proc/} && p=${p%/environ}
+    [[ $mine == *" $p "* ]] && continue
+    if [ "$(ps -o comm= -p "$p" 2>/dev/null)" = slurmstepd ] || grep -qz '^SLURM_JOB_ID=' "$f" 2>/dev/null; then
+      roots+=("$p")
     fi
+  done
+  [ ${#roots[@]} -gt 0 ] || return 0
+  ps -e -o pid=,ppid= | awk -v roots="${roots[*]}" -v mine="$mine" '
+    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) keep[r[i]] = 1 }
+    { parent[$1] = $2 }
+    END {
+      do { changed = 0
+        for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 }
+      } while (changed)
+      for (p in keep) if (index(mine, " " p " ") == 0) print p
+    }'
+}
+
+cmd_stop() {
+  local ids pids
+  ids=$(queued_jobs)
+  if [ -n "$ids" ]; then
+    # shellcheck disable=SC2086
+    scancel $ids >/dev/null 2>&1 || true
+    # Plain jobs leave the queue at once; a job with an srun step stays COMPLETING for KillWait
+    # (about 5 s): do not wait for it, its processes are killed below.
+    wait_for 3 queue_empty || log "jobs still completing: killing their processes"
   fi
+  pids=$(job_processes)
+  # shellcheck disable=SC2086
+  [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
   stop_pidfile "$RUN/slurmd.pid" slurmd
   stop_pidfile "$RUN/slurmctld.pid" slurmctld
   stop_pidfile "$RUN/slurmdbd.pid" slurmdbd
@@ -350,9 +413,13 @@ cmd_stop() {
 
 cmd_status() {
   local ok=0 d
-  for d in "mysqld.pid mariadbd" "slurmdbd.pid slurmdbd" "slurmctld.pid slurmctld" "slurmd.pid slurmd"; do
-    set -- $d
-    if pid_alive "$RUN/$1" "$2"; then echo "$2: running (pid $(pid_of "$RUN/$1"))"; else echo "$2: not running"; ok=1; fi
+  for d in mysqld:mariadbd slurmdbd:slurmdbd slurmctld:slurmctld slurmd:slurmd; do
+    if pid_alive "$RUN/${d%%:*}.pid" "${d#*:}"; then
+      echo "${d#*:}: running (pid $(pid_of "$RUN/${d%%:*}.pid"))"
+    else
+      echo "${d#*:}: not running"
+      ok=1
+    fi
   done
   if munge_ok; then echo "munge: ok"; else echo "munge: not answering"; ok=1; fi
   local st=""
@@ -367,11 +434,12 @@ cmd_status() {
 }
 
 cmd_env() {
-  echo "export SLURM_CONF=$SLURM_CONF_FILE"
-  echo "export REPLANDSCAPE_SLURM_DIR=$STATE"
+  printf 'export SLURM_CONF=%q\n' "$SLURM_CONF_FILE"
+  printf 'export REPLANDSCAPE_SLURM_DIR=%q\n' "$STATE"
 }
 
 # start and stop take a lock, so that concurrent callers (e.g. pytest workers) do not race.
+# Daemons are started with fd 9 closed (9>&-): an inherited lock would be held forever.
 with_lock() {
   mkdir -p "$STATE"
   exec 9>"$STATE/.lock"

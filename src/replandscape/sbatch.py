@@ -33,8 +33,6 @@ def render(stage: str, config_file: str, overrides: Sequence[str]) -> str:
                         key="cluster.executor", fix="add cluster=<your profile> to the command")
     jobs = {j.stage: j for j in plan_sweep(sweep)}
     job = jobs[stage]
-    if stage == "finetune":  # one script trains and then extracts the checkpoints
-        job = jobs["finetune"]
     c = cfg.cluster
     hours, minutes = divmod(job.timeout_min, 60)
     values = {
