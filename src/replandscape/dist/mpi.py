@@ -148,14 +148,15 @@ def abort_on_error(comm: Any, what: str) -> Iterator[None]:
     try:
         yield
     except UserError as exc:
-        print(f"replandscape: error: rank {comm.rank}: {what}: {exc}", file=sys.stderr, flush=True)
-        if comm.size > 1:
+        if comm.size > 1:  # alone, the CLI prints it; with peers, nobody else will
+            print(f"replandscape: error: rank {comm.rank}: {what}: {exc}", file=sys.stderr,
+                  flush=True)
             comm.Abort(1)
         raise
     except Exception:
-        print(f"replandscape: rank {comm.rank} failed in {what}:", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
         if comm.size > 1:
+            print(f"replandscape: rank {comm.rank} failed in {what}:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
             comm.Abort(1)
         raise

@@ -142,20 +142,29 @@ def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool) 
         keep = balanced_subsample(qids, subjects, cfg.analysis.per_subject_cap, cfg.run.seed)
         rows = np.flatnonzero(keep)
         x = af.site(task.site, rows)
+    if len(x) and bool((x == x[0]).all()):
+        # e.g. the input of the first block: the kept token is always the same ':' embedding
+        return _degenerate_row(task, len(rows), "all rows identical", time.perf_counter() - t0)
     names = sorted(set(subjects[rows].tolist()))
     codes = np.asarray([names.index(s) for s in subjects[rows]], dtype=np.int64)
     labels = {"subject": codes, "answer": answers[rows].astype(np.int64)}
     params = geometry_params(cfg.analysis, dendrogram, threads)
-    try:
-        with threadpool_limits(limits=threads):
-            result = compute_geometry(x, labels, params, label_names={"subject": names})
-    except UserError as exc:
-        raise UserError(f"{task.run} site {task.site}: {exc}") from None
+    with threadpool_limits(limits=threads):
+        result = compute_geometry(x, labels, params, label_names={"subject": names})
     row = result.to_json_dict()
     row.update(run=task.run, site=task.site, site_index=task.site_index,
                relative_depth=task.site_index / max(1, task.n_sites - 1),
                n_subsampled=int(len(rows)), seconds_total=time.perf_counter() - t0)
     return row
+
+
+def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str, Any]:
+    """A site with nothing to measure: recorded, with its reason, and drawn as a gap."""
+    return {"run": task.run, "site": task.site, "site_index": task.site_index,
+            "relative_depth": task.site_index / max(1, task.n_sites - 1), "n_points": 1,
+            "n_subsampled": n, "n_duplicates": n - 1, "id_twonn": None, "id_gride": [],
+            "id": None, "n_peaks": None, "core_fraction": None, "ari": {}, "overlap": {},
+            "dendrogram": None, "skipped": reason, "seconds_total": seconds}
 
 
 def _atomic_json(path: Path, data: Any) -> None:
