@@ -1,0 +1,859 @@
+"""LoRA fine-tuning with DeepSpeed ZeRO (METHOD.md section 3): the SFT condition.
+
+A training sample is the bare question block followed by `` {letter}``; the loss is the cross-entropy
+of the answer-letter token alone (every other position is labelled -100), weighted by the inverse
+frequency of the sample's subject. Training data are the config's train splits (MMLU ``dev`` +
+``validation``), balanced per subject, never the evaluation split. The process group comes from
+the environment (:mod:`replandscape.dist.torchdist`); this module knows nothing about launching.
+
+Output layout under ``<run.output_dir>/finetune/``::
+
+    config.yaml, config.sha256     the resolved config and its hash (a resume must match it)
+    train_log.jsonl                one line per optimiser step: step, epoch, loss, lr, tokens,
+                                   seconds (this step), elapsed_s; val_accuracy on eval steps
+    adapter-step000012/            LoRA adapter (PEFT format) at log-spaced steps (last included)
+    adapter-final/                 LoRA adapter at the end of training
+    checkpoints.json               {"config_hash", "total_steps", "adapters": [{name, step, path}]}
+    ds/step000010/                 the latest DeepSpeed checkpoint (every save_every steps), with
+                                   per-rank RNG states; ds/resume.json points at it (removed once
+                                   the run has finished)
+    result.json                    :class:`FinetuneResult` (a finished run returns it again)
+
+A run that finds ``ds/resume.json`` resumes from it and, on CPU with the same seed, ends with the
+same adapter as an uninterrupted run: data order depends on (seed, epoch) only, and the model,
+optimiser, scheduler and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replandscape.config import ExperimentConfig, save_resolved
+from replandscape.data import Question, load_split, select_eval_questions
+from replandscape.dist import torchdist
+from replandscape.errors import UserError
+from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
+from replandscape.prompts import LETTERS, answer_suffix, build_prompt, training_text
+
+STAGE_DIR = "finetune"
+FINAL_ADAPTER = "adapter-final"
+IGNORE_INDEX = -100
+RESULT_FILE = "result.json"
+CHECKPOINTS_FILE = "checkpoints.json"
+TRAIN_LOG = "train_log.jsonl"
+RESUME_FILE = "resume.json"
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    """One saved LoRA adapter."""
+
+    name: str
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a fine-tuning run produced (also written to ``finetune/result.json``)."""
+
+    output_dir: str
+    adapter_dir: str
+    config_hash: str
+    total_steps: int
+    train_samples: int
+    train_subjects: int
+    effective_batch: int
+    world_size: int
+    zero_stage: int
+    final_loss: float | None
+    train_tokens: int
+    train_seconds: float
+    val_accuracy: float | None
+    val_history: tuple[tuple[int, float], ...]
+    test_accuracy: float | None
+    test_questions: int
+    test_per_subject: dict[str, float]
+    checkpoints: tuple[AdapterCheckpoint, ...]
+    resumed_from_step: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["val_history"] = [list(item) for item in self.val_history]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FinetuneResult:
+        data = dict(data)
+        data["val_history"] = tuple((int(s), float(a)) for s, a in data["val_history"])
+        data["checkpoints"] = tuple(AdapterCheckpoint(**c) for c in data["checkpoints"])
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup_steps`` steps, then cosine decay reaching ``min_lr_ratio`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(total_steps: int, ratio: float, cap: int) -> int:
+    return max(0, min(math.ceil(ratio * total_steps), cap))
+
+
+def log_spaced_steps(total_steps: int, count: int) -> list[int]:
+    """``count`` geometrically spaced steps in 1..total (duplicates merged), always with the last."""
+    if count <= 0 or total_steps <= 0:
+        return []
+    if count == 1:
+        return [total_steps]
+    ratio = total_steps ** (1.0 / (count - 1))
+    steps = {min(total_steps, max(1, round(ratio**i))) for i in range(count)}
+    steps.add(total_steps)
+    return sorted(steps)
+
+
+def balance_per_subject(questions: Sequence[Question], cap: int | None, seed: int) -> list[Question]:
+    """Keep at most ``cap`` questions per subject (seeded choice); keeps the input order."""
+    if cap is None:
+        return list(questions)
+    by_subject: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_subject.setdefault(q.subject, []).append(i)
+    keep: set[int] = set()
+    for subject, idx in by_subject.items():
+        if len(idx) > cap:
+            idx = random.Random(f"{seed}:train:{subject}").sample(idx, cap)
+        keep.update(idx)
+    return [q for i, q in enumerate(questions) if i in keep]
+
+
+def inverse_frequency_weights(subjects: Sequence[str]) -> list[float]:
+    """Per-sample weights proportional to 1 / (samples of its subject), normalised to mean 1, so
+    every subject carries the same total weight."""
+    counts = Counter(subjects)
+    n, k = len(subjects), len(counts)
+    return [n / (k * counts[s]) for s in subjects]
+
+
+def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch, from (seed, epoch) alone, so a resumed run sees the same."""
+    order = list(range(n_samples))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order
+
+
+def rank_shard(global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's disjoint share of one global batch."""
+    return list(global_batch[rank::world_size])
+
+
+def letter_token_ids(tokenizer: Any, num_choices: int) -> list[int]:
+    """The token id of each answer letter as it follows ``Answer:`` in a solved shot."""
+    prefix = tokenizer.encode("Answer:", add_special_tokens=False)
+    ids = []
+    for letter in LETTERS[:num_choices]:
+        full = tokenizer.encode("Answer:" + answer_suffix(letter), add_special_tokens=False)
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
+            raise UserError(f"the tokenizer does not encode '{answer_suffix(letter)}' after "
+                            "'Answer:' as one token", key="model.path",
+                            fix="use a tokenizer with single-token answer letters")
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise UserError("answer letters share a token id", key="model.path",
+                        fix="use a tokenizer that tells the letters apart")
+    return ids
+
+
+def answer_token_loss(logits: Any, labels: Any, weights: Any) -> tuple[Any, Any]:
+    """Weighted token cross-entropy of a causal LM restricted to labelled positions.
+
+    ``logits`` holds the last K positions of the sequence ([B, K, V]), ``labels`` the whole
+    sequence ([B, T], -100 where no loss is taken). Position t predicts token t+1. Returns the sum
+    over the batch of ``weight x per-sample mean CE`` divided by B, and the per-sample CE.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, kept, vocab = logits.shape
+    targets = labels[:, labels.shape[1] - kept + 1:]
+    targets = torch.cat([targets, torch.full((batch, 1), IGNORE_INDEX, dtype=targets.dtype,
+                                             device=targets.device)], dim=1)
+    ce = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(batch, kept)
+    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    per_sample = ce.sum(dim=1) / counted
+    return (weights.to(per_sample) * per_sample).sum() / batch, per_sample
+
+
+def collate_left(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None,
+                 pad_id: int) -> dict[str, Any]:
+    """Left-pad a batch; position ids count real tokens only, so padding changes nothing."""
+    import torch
+
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    lab = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, length - len(seq):] = 1
+        if labels is not None:
+            lab[i, length - len(seq):] = torch.tensor(labels[i], dtype=torch.long)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+    if labels is not None:
+        batch["labels"] = lab
+    return batch
+
+
+def model_module_names(model_path: str) -> list[str]:
+    """Dotted names of the modules LoRA can wrap (Linear, Embedding, Conv1D), from the config
+    alone: the model is built on the meta device, so nothing is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    return [name for name, module in model.named_modules() if name and isinstance(module, kinds)]
+
+
+def check_target_modules(targets: Sequence[str], module_names: Sequence[str]) -> None:
+    """Refuse LoRA targets that match no module (PEFT's rule: equal name or dotted suffix)."""
+    missing = [t for t in targets
+               if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+        raise UserError(f"target module(s) {', '.join(missing)} not in the model, which has: "
+                        f"{', '.join(short)}", key="finetune.target_modules",
+                        fix="list module names the model has")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                break
+    return rows
+
+
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op (75-90 s the first time):
+    gloo does the job on CPU. ``deepspeed.ops.__compatible_ops__`` is read only by that op's
+    builder; setting it before first use also skips probing every op with a compiler."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in deepspeed.ops.__dict__:
+        deepspeed.ops.__dict__["__compatible_ops__"] = {"deepspeed_shm_comm": False}
+    else:
+        deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    input_ids: list[int]
+    labels: list[int]
+    weight: float
+    subject: str
+
+
+@dataclass
+class _State:
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    last_loss: float | None = None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+
+class LoraFinetuner:
+    """One LoRA fine-tuning run. ``run(cfg)`` is the usual entry point; tests and benchmarks use
+    the pieces (``setup``, ``train``, ``evaluate``, ``engine``).
+
+    All user errors (batch arithmetic, splits, target modules, a foreign resume folder) are raised
+    by the constructor, before the process group, the model or DeepSpeed are touched.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        f = cfg.finetune
+        self.info = torchdist.rank_info()
+        self.out = cfg.output_dir / STAGE_DIR
+        world = self.info.world_size
+        if f.effective_batch % (f.micro_batch * world):
+            raise UserError(f"effective batch {f.effective_batch} does not divide over micro-batch "
+                            f"{f.micro_batch} x {world} rank(s)", key="finetune.effective_batch",
+                            fix=f"use a multiple of {f.micro_batch * world} or change micro_batch "
+                                "or the number of ranks")
+        self.grad_accum = f.effective_batch // (f.micro_batch * world)
+        self._check_output_folder()
+        if not cfg.data.train_splits:
+            raise UserError("no training splits", key="data.train_splits",
+                            fix="list the splits to train on, e.g. [dev, validation]")
+        questions: list[Question] = []
+        for split in cfg.data.train_splits:
+            questions += load_split(cfg.data, split)
+        if cfg.data.subjects is not None:
+            questions = [q for q in questions if q.subject in cfg.data.subjects]
+        self.train_questions = balance_per_subject(questions, f.samples_per_subject, cfg.run.seed)
+        self.steps_per_epoch = len(self.train_questions) // f.effective_batch
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(self.train_questions)} training samples do not fill one batch of "
+                            f"{f.effective_batch}", key="finetune.effective_batch",
+                            fix="lower effective_batch or train on more data")
+        self.total_steps = self.steps_per_epoch * f.epochs
+        # the evaluation questions are read now, so a missing split fails before training
+        self.val_questions = self._eval_questions("validation")
+        self.test_questions = self._eval_questions(cfg.data.eval_split)
+        self.model_path = resolve_model_path(cfg.model)
+        check_target_modules(f.target_modules, model_module_names(self.model_path))
+        self.engine: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.samples: list[_Sample] = []
+        self.letter_ids: list[int] = []
+        self.state = _State()
+
+    # ---------------------------------------------------------------------------- set-up
+
+    def _check_output_folder(self) -> None:
+        stored = self.out / "config.sha256"
+        if stored.is_file():
+            old = stored.read_text().strip()
+            if old != self.cfg.hash:
+                raise UserError(f"the folder holds a fine-tuning run of another config (hash "
+                                f"{old[:12]}, this config {self.cfg.hash[:12]})", file=str(self.out),
+                                key="run.output_dir",
+                                fix="use a new run.output_dir, or delete the folder to start over")
+
+    def setup(self) -> None:
+        """Process group, tokenizer, samples, LoRA model and the DeepSpeed engine."""
+        import deepspeed
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        cfg, f = self.cfg, self.cfg.finetune
+        self.device = torchdist.pick_device("auto", self.info)
+        self.on_cuda = self.device.startswith("cuda")
+        if not self.on_cuda:
+            _skip_cpu_shm_op()
+        _quiet_deepspeed()
+        # without RANK etc. DeepSpeed would look for MPI; a single process needs them too
+        torchdist.export_rendezvous(self.info)
+        torchdist.init_distributed(self.device)
+
+        self.tokenizer = load_tokenizer(self.model_path, cfg.model.revision, padding_side="left")
+        self.letter_ids = letter_token_ids(self.tokenizer, cfg.data.num_choices)
+        self.samples = self._build_samples()
+
+        dtype = cfg.model.dtype if self.on_cuda else "float32"
+        model = load_causal_lm(self.model_path, revision=cfg.model.revision, dtype=dtype)
+        model.config.use_cache = False
+        torch.manual_seed(cfg.run.seed)  # the same LoRA initialisation on every rank
+        lora = LoraConfig(r=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                          target_modules=list(f.target_modules), bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, lora)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay)
+        warmup = warmup_steps_for(self.total_steps, f.warmup_ratio, f.warmup_max_steps)
+        total, min_ratio = self.total_steps, f.min_lr_ratio
+
+        def factor(step: int) -> float:
+            return lr_factor(step, total, warmup, min_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        ds_config = {
+            "train_batch_size": f.effective_batch,
+            "train_micro_batch_size_per_gpu": f.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": f.grad_clip,
+            "zero_optimization": {"stage": f.zero_stage},
+            "bf16": {"enabled": self.on_cuda and dtype == "bfloat16"},
+            "fp16": {"enabled": self.on_cuda and dtype == "float16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # dropout masks differ between ranks but are reproducible per (seed, rank)
+        torch.manual_seed(cfg.run.seed * 1000 + 7919 * self.info.rank + 1)
+
+    def _build_samples(self) -> list[_Sample]:
+        add_bos = self.cfg.prompts.add_bos
+        max_len = self.cfg.finetune.max_seq_len
+        weights = inverse_frequency_weights([q.subject for q in self.train_questions])
+        samples = []
+        truncated = 0
+        for q, w in zip(self.train_questions, weights):
+            block, _suffix = training_text(q)
+            ids = self.tokenizer.encode(block, add_special_tokens=add_bos)
+            letter = self.letter_ids[q.answer]
+            if len(ids) + 1 > max_len:
+                truncated += 1
+                # keep BOS and the end of the block, which holds the choices and "Answer:"
+                head = ids[:1] if add_bos else []
+                ids = head + ids[len(ids) - (max_len - 1 - len(head)):]
+            samples.append(_Sample(input_ids=ids + [letter],
+                                   labels=[IGNORE_INDEX] * len(ids) + [letter], weight=w,
+                                   subject=q.subject))
+        if truncated:
+            torchdist.print0(f"finetune: {truncated} training samples cut to max_seq_len={max_len}")
+        return samples
+
+    # ---------------------------------------------------------------------------- data order
+
+    def micro_batches(self, step: int) -> Iterator[list[_Sample]]:
+        """This rank's micro-batches of optimiser step ``step`` (0-based)."""
+        f = self.cfg.finetune
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.samples), self.cfg.run.seed, epoch)
+        global_batch = order[within * f.effective_batch:(within + 1) * f.effective_batch]
+        mine = rank_shard(global_batch, self.info.rank, self.info.world_size)
+        for i in range(0, len(mine), f.micro_batch):
+            yield [self.samples[j] for j in mine[i:i + f.micro_batch]]
+
+    # ---------------------------------------------------------------------------- training
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimiser step (all micro-batches of this rank); returns global loss and tokens."""
+        import torch
+
+        engine = self.engine
+        engine.train()
+        lr = float(self.scheduler.get_last_lr()[0])
+        loss_sum = torch.zeros(3, dtype=torch.float64)  # weighted CE sum, samples, tokens
+        for micro in self.micro_batches(step):
+            batch = collate_left([s.input_ids for s in micro], [s.labels for s in micro],
+                                 self.tokenizer.pad_token_id)
+            weights = torch.tensor([s.weight for s in micro], dtype=torch.float32)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            out = engine(**batch, logits_to_keep=2, use_cache=False)
+            loss, _per_sample = answer_token_loss(out.logits, labels, weights.to(self.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += torch.tensor([loss.item() * len(micro), len(micro),
+                                      float(batch["attention_mask"].sum())], dtype=torch.float64)
+        if torchdist.is_distributed():
+            torch.distributed.all_reduce(loss_sum)
+        return {"loss": float(loss_sum[0] / loss_sum[1]), "lr": lr, "tokens": int(loss_sum[2])}
+
+    def train(self) -> FinetuneResult:
+        """Train to the end (resuming if a checkpoint exists), evaluate, save; returns the result."""
+        from tqdm import tqdm
+
+        f = self.cfg.finetune
+        is_main = self.info.is_main
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_resolved(self.cfg, self.out)
+        torchdist.barrier()
+        self._maybe_resume()
+        adapter_steps = set(log_spaced_steps(self.total_steps, f.log_checkpoints))
+        val_questions = self.val_questions
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="finetune",
+                   disable=not is_main, dynamic_ncols=True)
+        log_path = self.out / TRAIN_LOG
+        while self.state.step < self.total_steps:
+            t0 = time.perf_counter()
+            stats = self.train_step(self.state.step)
+            seconds = time.perf_counter() - t0
+            self.state.step += 1
+            step = self.state.step
+            self.state.tokens += int(stats["tokens"])
+            self.state.elapsed_s += seconds
+            self.state.last_loss = stats["loss"]
+            record: dict[str, Any] = {"step": step, "epoch": (step - 1) // self.steps_per_epoch,
+                                      "loss": stats["loss"], "lr": stats["lr"],
+                                      "tokens": stats["tokens"], "seconds": round(seconds, 4),
+                                      "elapsed_s": round(self.state.elapsed_s, 3)}
+            if f.eval_every > 0 and step % f.eval_every == 0 and step < self.total_steps \
+                    and val_questions:
+                acc, _ = self.evaluate(val_questions)
+                self.state.val_history.append((step, acc))
+                record["val_accuracy"] = acc
+            if is_main:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if step in adapter_steps:
+                self.save_adapter(f"adapter-step{step:06d}", step)
+            if f.save_every > 0 and step % f.save_every == 0 and step < self.total_steps:
+                self.save_resume_checkpoint()
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> FinetuneResult:
+        """Final adapter, validation and test accuracy, result.json."""
+        f = self.cfg.finetune
+        step = self.state.step
+        self.save_adapter(FINAL_ADAPTER, step)
+        val_questions = self.val_questions
+        val_acc = None
+        if val_questions:
+            val_acc, _ = self.evaluate(val_questions)
+            self.state.val_history.append((step, val_acc))
+            if self.info.is_main:
+                with open(self.out / TRAIN_LOG, "a") as fh:
+                    fh.write(json.dumps({"step": step, "val_accuracy": val_acc,
+                                         "val_questions": len(val_questions)}) + "\n")
+        test_questions = self.test_questions
+        test_acc, per_subject = self.evaluate(test_questions)
+        result = FinetuneResult(
+            output_dir=str(self.out), adapter_dir=str(self.out / FINAL_ADAPTER),
+            config_hash=self.cfg.hash, total_steps=step, train_samples=len(self.samples),
+            train_subjects=len({s.subject for s in self.samples}),
+            effective_batch=f.effective_batch, world_size=self.info.world_size,
+            zero_stage=f.zero_stage, final_loss=self.state.last_loss,
+            train_tokens=self.state.tokens, train_seconds=round(self.state.elapsed_s, 3),
+            val_accuracy=val_acc, val_history=tuple(self.state.val_history),
+            test_accuracy=test_acc, test_questions=len(test_questions),
+            test_per_subject=per_subject, checkpoints=tuple(self._read_checkpoints()),
+            resumed_from_step=self.state.resumed_from_step)
+        if self.info.is_main:
+            _write_json(self.out / RESULT_FILE, result.to_json())
+            # the resume state (optimiser moments included) is of no use once result.json exists
+            shutil.rmtree(self.out / "ds", ignore_errors=True)
+        torchdist.barrier()
+        return result
+
+    # ---------------------------------------------------------------------------- evaluation
+
+    def mean_loss(self, samples: Sequence[_Sample]) -> float:
+        """Weighted answer-token loss of ``samples`` in eval mode (no dropout); every rank must
+        pass the same samples (under ZeRO-3 the forwards are collective)."""
+        import torch
+
+        was_training = self.engine.training
+        self.engine.eval()
+        total = 0.0
+        size = max(1, self.cfg.finetune.micro_batch)
+        with torch.no_grad():
+            for i in range(0, len(samples), size):
+                part = samples[i:i + size]
+                batch = collate_left([s.input_ids for s in part], [s.labels for s in part],
+                                     self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                weights = torch.tensor([s.weight for s in part], device=self.device)
+                logits = self.engine(**batch, logits_to_keep=2, use_cache=False).logits
+                loss, _ = answer_token_loss(logits, labels, weights)
+                total += loss.item() * len(part)
+        if was_training:
+            self.engine.train()
+        return total / max(1, len(samples))
+
+    def _eval_questions(self, split: str) -> list[Question]:
+        """The questions scored on ``split`` (subjects, max_per_subject and limit applied); a data
+        set without a validation split gets no validation accuracy."""
+        cfg = self.cfg
+        try:
+            questions = load_split(cfg.data, split)
+        except UserError:
+            if split == "validation":
+                return []
+            raise
+        return select_eval_questions(questions, cfg.data, cfg.run.seed)
+
+    def evaluate(self, questions: Sequence[Question]) -> tuple[float, dict[str, float]]:
+        """0-shot accuracy (header + question block, argmax over the letter tokens); every rank
+        scores its share and all ranks run the same number of forwards (ZeRO-3 needs that)."""
+        import torch
+        from tqdm import tqdm
+
+        if not questions:
+            return float("nan"), {}
+        rank, world = self.info.rank, self.info.world_size
+        batch_size = max(1, self.cfg.extract.batch_size)
+        mine = list(range(rank, len(questions), world))
+        per_rank = math.ceil(len(questions) / world)
+        n_batches = math.ceil(per_rank / batch_size)
+        padded = mine + [mine[-1] if mine else 0] * (n_batches * batch_size - len(mine))
+        letters = torch.tensor(self.letter_ids, device=self.device)
+        add_bos = self.cfg.prompts.add_bos
+        correct: dict[int, bool] = {}
+        was_training = self.engine.training
+        self.engine.eval()
+        with torch.no_grad():
+            for b in tqdm(range(n_batches), desc="evaluate", leave=False,
+                          disable=not self.info.is_main):
+                idx = padded[b * batch_size:(b + 1) * batch_size]
+                texts = [build_prompt(questions[i], {}, 0, self.cfg.prompts.seed) for i in idx]
+                seqs = [self.tokenizer.encode(t, add_special_tokens=add_bos) for t in texts]
+                batch = collate_left(seqs, None, self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logits = self.engine(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]
+                pred = logits.index_select(-1, letters).argmax(-1).tolist()
+                for j, i in enumerate(idx):
+                    if b * batch_size + j < len(mine):
+                        correct[i] = pred[j] == questions[i].answer
+        if was_training:
+            self.engine.train()
+        merged: dict[int, bool] = {}
+        for part in torchdist.all_gather_object(correct):
+            merged.update(part)
+        hits: dict[str, list[int]] = {}
+        for i, ok in merged.items():
+            hits.setdefault(questions[i].subject, []).append(int(ok))
+        per_subject = {s: sum(v) / len(v) for s, v in sorted(hits.items())}
+        return sum(merged.values()) / len(merged), per_subject
+
+    # ---------------------------------------------------------------------------- saving
+
+    def _trainable_state_dict(self) -> dict[str, Any] | None:
+        """Full (gathered) trainable weights on rank 0; collective under ZeRO-3."""
+        import deepspeed
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if not self.info.is_main:
+                return None
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+    def save_adapter(self, name: str, step: int) -> Path:
+        """Save the LoRA adapter (PEFT format) as ``finetune/<name>`` and list it."""
+        state = self._trainable_state_dict()
+        target = self.out / name
+        if self.info.is_main:
+            assert state is not None
+            tmp = self.out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            (tmp / "finetune.json").write_text(json.dumps(
+                {"step": step, "config_hash": self.cfg.hash, "base_model": self.model_path}) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            entries = [c for c in self._read_checkpoints() if c.name != name]
+            entries.append(AdapterCheckpoint(name=name, step=step, path=str(target)))
+            entries.sort(key=lambda c: (c.step, c.name == FINAL_ADAPTER))
+            self._write_checkpoints(entries)
+        torchdist.barrier()
+        return target
+
+    def _read_checkpoints(self) -> list[AdapterCheckpoint]:
+        path = self.out / CHECKPOINTS_FILE
+        if not path.is_file():
+            return []
+        data = json.loads(path.read_text())
+        return [AdapterCheckpoint(**c) for c in data.get("adapters", [])]
+
+    def _write_checkpoints(self, entries: Sequence[AdapterCheckpoint]) -> None:
+        _write_json(self.out / CHECKPOINTS_FILE, {
+            "config_hash": self.cfg.hash, "total_steps": self.total_steps,
+            "adapters": [dataclasses.asdict(c) for c in entries]})
+
+    def save_resume_checkpoint(self) -> Path:
+        """Full DeepSpeed checkpoint + per-rank RNG + position; older ones are removed after the
+        pointer ``ds/resume.json`` names the new one, so a kill never leaves no checkpoint."""
+        import torch
+
+        ds_dir = self.out / "ds"
+        tag = f"step{self.state.step:06d}"
+        client_state = {"replandscape": {
+            "step": self.state.step, "tokens": self.state.tokens,
+            "elapsed_s": self.state.elapsed_s, "last_loss": self.state.last_loss,
+            "val_history": self.state.val_history, "config_hash": self.cfg.hash}}
+        self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client_state,
+                                    save_latest=False, exclude_frozen_parameters=True)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, ds_dir / tag / f"rng_rank{self.info.rank:05d}.pt")
+        torchdist.barrier()
+        if self.info.is_main:
+            _write_json(ds_dir / RESUME_FILE, {"tag": tag, "step": self.state.step,
+                                               "config_hash": self.cfg.hash,
+                                               "world_size": self.info.world_size})
+            for old in ds_dir.glob("step*"):
+                if old.name != tag and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+        torchdist.barrier()
+        return ds_dir / tag
+
+    def _maybe_resume(self) -> None:
+        import torch
+
+        ds_dir = self.out / "ds"
+        pointer = ds_dir / RESUME_FILE
+        if not pointer.is_file():
+            self._truncate_logs(0)
+            return
+        info = json.loads(pointer.read_text())
+        if info.get("config_hash") != self.cfg.hash:
+            raise UserError("the resume checkpoint was written by another config",
+                            file=str(pointer), key="run.output_dir",
+                            fix="use a new run.output_dir, or delete the folder to start over")
+        if info.get("world_size") != self.info.world_size:
+            raise UserError(f"the resume checkpoint was written by {info.get('world_size')} "
+                            f"rank(s), this run has {self.info.world_size}", file=str(pointer),
+                            key="model.gpus", fix="resume with the same number of ranks")
+        load_path, client = self.engine.load_checkpoint(str(ds_dir), tag=info["tag"],
+                                                        load_module_strict=False)
+        if load_path is None:
+            raise UserError("the resume checkpoint cannot be read", file=str(ds_dir / info["tag"]),
+                            key="run.output_dir", fix="delete the ds folder to start over")
+        saved = client["replandscape"]
+        self.state = _State(step=int(saved["step"]), tokens=int(saved["tokens"]),
+                            elapsed_s=float(saved["elapsed_s"]), last_loss=saved["last_loss"],
+                            val_history=[(int(s), float(a)) for s, a in saved["val_history"]],
+                            resumed_from_step=int(saved["step"]))
+        rng = torch.load(ds_dir / info["tag"] / f"rng_rank{self.info.rank:05d}.pt",
+                         weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._truncate_logs(self.state.step)
+        torchdist.print0(f"finetune: resumed from step {self.state.step} ({ds_dir / info['tag']})")
+
+    def _truncate_logs(self, step: int) -> None:
+        """Forget log lines and adapters listed after ``step`` (work a kill threw away)."""
+        if self.info.is_main:
+            rows = [r for r in _read_jsonl(self.out / TRAIN_LOG) if r.get("step", 0) <= step
+                    and not (step == 0 and r.get("step", 0) == 0)]
+            if rows or (self.out / TRAIN_LOG).exists():
+                text = "".join(json.dumps(r) + "\n" for r in rows)
+                tmp = self.out / (TRAIN_LOG + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, self.out / TRAIN_LOG)
+            entries = [c for c in self._read_checkpoints()
+                       if c.step <= step and c.name != FINAL_ADAPTER]
+            if (self.out / CHECKPOINTS_FILE).exists():
+                self._write_checkpoints(entries)
+        torchdist.barrier()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = None
+        self.model = None
+
+
+def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
+    path = cfg.output_dir / STAGE_DIR / RESULT_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("config_hash") != cfg.hash or not Path(data.get("adapter_dir", "")).is_dir():
+        return None
+    return FinetuneResult.from_json(data)
+
+
+def run(cfg: ExperimentConfig) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` with LoRA under DeepSpeed and evaluate it (METHOD.md section 3).
+
+    Ranks come from the environment (torchrun, the deepspeed launcher, Slurm tasks, or one
+    process). A finished run returns its stored result; an interrupted one resumes.
+    """
+    trainer = LoraFinetuner(cfg)  # refuses bad input before any work
+    done = _finished_result(cfg)
+    if done is not None:
+        return done
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+def export_merged(cfg: ExperimentConfig, adapter_dir: str | os.PathLike[str],
+                  out_dir: str | os.PathLike[str], dtype: str | None = None) -> Path:
+    """Merge a LoRA adapter into the base model and save it for plain ``from_pretrained``.
+
+    The merge is done in float32; the saved weights take ``dtype`` (default: the base
+    checkpoint's own dtype). The tokenizer is saved beside them.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError("not a LoRA adapter folder (no adapter_config.json)", file=str(adapter),
+                        key="adapter_dir", fix="point at an adapter saved by the finetune stage")
+    base_path = resolve_model_path(cfg.model)
+    base_dtype = getattr(AutoConfig.from_pretrained(base_path, revision=cfg.model.revision),
+                         "dtype", None)
+    if dtype is not None:
+        save_dtype = torch_dtype(dtype)
+    elif isinstance(base_dtype, torch.dtype):
+        save_dtype = base_dtype
+    elif isinstance(base_dtype, str):
+        save_dtype = torch_dtype(base_dtype)
+    else:
+        save_dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_path, revision=cfg.model.revision,
+                                                 dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = merged.to(save_dtype)
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(tmp))
+    load_tokenizer(base_path, cfg.model.revision).save_pretrained(str(tmp))
+    (tmp / "merged_from.json").write_text(json.dumps(
+        {"base_model": base_path, "adapter": str(adapter.resolve()),
+         "config_hash": cfg.hash}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
