@@ -15,6 +15,8 @@
 #   REPLANDSCAPE_SLURM_PORT_BASE  slurmctld port; slurmd uses +1, slurmdbd +2 (default 6817)
 #   REPLANDSCAPE_SLURM_CPUS       CPUs of the node (default: nproc)
 #   REPLANDSCAPE_SLURM_TIMEOUT    seconds allowed for each wait (default 30)
+#   REPLANDSCAPE_SLURM_KEEP_JOBS  1: keep the jobs that slurmctld recovers from an earlier run
+#                                 (by default start cancels them, e.g. after a crash)
 #
 # Layout of the state folder: etc/ (slurm.conf, slurmdbd.conf mode 600), mysql/ (data),
 # run/ (pid files, MariaDB socket), log/, spool/ (slurmd), state/ (slurmctld).
@@ -197,7 +199,7 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$((PORT_BASE + 2))
 JobCompType=jobcomp/none
 # schedule at once (the default delays batch jobs by up to 3 s)
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,kill_invalid_depend
 DefMemPerCPU=$def_mem
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
@@ -336,12 +338,31 @@ wait_node() {
   done
 }
 
+# After a crash, slurmctld recovers the jobs of the earlier run from its state folder (and their
+# surviving slurmstepd processes re-attach to the new slurmd): cancel them so that tests start on
+# an idle node. REPLANDSCAPE_SLURM_KEEP_JOBS=1 keeps them.
+cancel_leftover_jobs() {
+  local ids
+  ids=$(queued_jobs)
+  [ -n "$ids" ] || return 0
+  if [ "${REPLANDSCAPE_SLURM_KEEP_JOBS:-0}" = 1 ]; then
+    log "keeping $(wc -w <<<"$ids") job(s) left by an earlier run"
+    return 0
+  fi
+  log "cancelling $(wc -w <<<"$ids") job(s) left by an earlier run"
+  # shellcheck disable=SC2086
+  scancel $ids >/dev/null 2>&1 || true
+  wait_for "$TIMEOUT" queue_empty || die "jobs of an earlier run still in the queue after ${TIMEOUT}s" "$LOG/slurmd.log"
+}
+
 cmd_start() {
   check_binaries
   if healthy; then
     log "already running ($STATE)"
     return 0
   fi
+  local ctld_was_down=0
+  pid_alive "$RUN/slurmctld.pid" slurmctld || ctld_was_down=1
   write_configs
   start_mariadb
   setup_database
@@ -350,6 +371,7 @@ cmd_start() {
   start_slurmctld
   start_slurmd
   wait_node
+  [ "$ctld_was_down" = 0 ] || cancel_leftover_jobs
   # sacct must know the cluster (slurmctld registers it with slurmdbd when it starts)
   wait_for "$TIMEOUT" sacct -n -X -S now ||
     die "sacct does not answer within ${TIMEOUT}s" "$LOG/slurmctld.log" "$LOG/slurmdbd.log"
@@ -395,7 +417,7 @@ cmd_stop() {
     scancel $ids >/dev/null 2>&1 || true
     # Plain jobs leave the queue at once; a job with an srun step stays COMPLETING for KillWait
     # (about 5 s): do not wait for it, its processes are killed below.
-    wait_for 3 queue_empty || log "jobs still completing: killing their processes"
+    wait_for 2 queue_empty || log "jobs still completing: killing their processes"
   fi
   pids=$(job_processes)
   # shellcheck disable=SC2086

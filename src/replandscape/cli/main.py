@@ -49,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_warnings() -> None:
+    """Deprecation notices from torch/transformers/DeepSpeed internals say nothing a user can act
+    on; they would bury the suite's own messages."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

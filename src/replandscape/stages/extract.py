@@ -84,15 +84,13 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
     if not index.is_file():
         raise UserError("no fine-tuned checkpoints", file=str(index),
                         fix="run the finetune stage first (replandscape run finetune CONFIG)")
-    entries = json.loads(index.read_text())
-    if isinstance(entries, dict):
-        entries = entries.get("checkpoints", [])
+    entries = json.loads(index.read_text()).get("adapters", [])
     conds = []
     for entry in entries:
         path = Path(entry["path"])
         if not path.is_absolute():
             path = folder / path
-        final = bool(entry.get("final")) or path.name == "adapter-final"
+        final = entry["name"] == "adapter-final"
         if cfg.extract.checkpoints == "final" and not final:
             continue
         name = "ft-final" if final else f"ft-step{int(entry['step']):06d}"
@@ -326,8 +324,6 @@ class LoadedModel:
 
 
 def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None) -> LoadedModel:
-    import torch
-
     from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
@@ -354,7 +350,6 @@ def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None)
         engine.module.eval()
         return LoadedModel(engine.module, tokenizer, device, dtype, engine)
     model.to(device)
-    torch.set_grad_enabled(False)
     return LoadedModel(model, tokenizer, device, dtype)
 
 
