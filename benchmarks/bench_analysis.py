@@ -49,12 +49,16 @@ def matmul_rate(dtype: type, size: int = 4096, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=14000, help="points (default 14000)")
     parser.add_argument("--d", type=int, default=4096, help="dimension (default 4096)")
     parser.add_argument("--clusters", type=int, default=20, help="planted clusters (default 20)")
     parser.add_argument("--maxk", type=int, default=1000, help="neighbours (default 1000)")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads (default all)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="BLAS/OpenMP threads (default all)"
+    )
     parser.add_argument("--device", default="cpu", help="device of the fast engine (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -66,9 +70,13 @@ def main() -> None:
 
     limits = threadpool_limits(limits=args.threads) if args.threads else None
     pools = ", ".join(f"{p['internal_api']}={p['num_threads']}" for p in threadpool_info())
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; thread pools: {pools}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; thread pools: {pools}"
+    )
     X, labels = planted(args.n, args.d, args.clusters, args.seed)
-    print(f"data: planted, N={args.n}, D={args.d}, {args.clusters} clusters, float32; maxk={args.maxk}")
+    print(
+        f"data: planted, N={args.n}, D={args.d}, {args.clusters} clusters, float32; maxk={args.maxk}"
+    )
 
     rate32 = matmul_rate(np.float32)
     rate64 = matmul_rate(np.float64)
@@ -81,11 +89,15 @@ def main() -> None:
         results[engine] = compute_geometry(X, labels, params)
         wall = time.perf_counter() - t0
         res = results[engine]
-        print(f"\n[{engine}] total {wall:.2f} s; steps: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in res.seconds.items() if k != "total"))
-        print(f"[{engine}] ID twonn {res.id_twonn:.4f}, gride {np.round(res.id_gride, 3).tolist()}, "
-              f"peaks {res.n_peaks}, core {res.core_fraction:.3f}, "
-              f"ARI subject {res.ari['subject']:.3f} answer {res.ari['answer']:.3f}")
+        print(
+            f"\n[{engine}] total {wall:.2f} s; steps: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in res.seconds.items() if k != "total")
+        )
+        print(
+            f"[{engine}] ID twonn {res.id_twonn:.4f}, gride {np.round(res.id_gride, 3).tolist()}, "
+            f"peaks {res.n_peaks}, core {res.core_fraction:.3f}, "
+            f"ARI subject {res.ari['subject']:.3f} answer {res.ari['answer']:.3f}"
+        )
 
     slow, fast = results["dadapy"], results["fast"]
     ids_slow = np.r_[slow.id_twonn, slow.id_gride]
@@ -94,24 +106,36 @@ def main() -> None:
     speedup_total = slow.seconds["total"] / fast.seconds["total"]
     speedup_nn = slow.seconds["neighbours"] / fast.seconds["neighbours"]
     print("\n== comparison (same run) ==")
-    print(f"total:      dadapy {slow.seconds['total']:.2f} s, fast {fast.seconds['total']:.2f} s, speed-up {speedup_total:.2f}x")
-    print(f"neighbours: dadapy {slow.seconds['neighbours']:.2f} s, fast {fast.seconds['neighbours']:.2f} s, speed-up {speedup_nn:.2f}x")
-    print(f"ADP assignment identical: {np.array_equal(slow.assignment, fast.assignment)} "
-          f"(peaks {slow.n_peaks} vs {fast.n_peaks}); max relative ID difference {rel:.2e}")
+    print(
+        f"total:      dadapy {slow.seconds['total']:.2f} s, fast {fast.seconds['total']:.2f} s, speed-up {speedup_total:.2f}x"
+    )
+    print(
+        f"neighbours: dadapy {slow.seconds['neighbours']:.2f} s, fast {fast.seconds['neighbours']:.2f} s, speed-up {speedup_nn:.2f}x"
+    )
+    print(
+        f"ADP assignment identical: {np.array_equal(slow.assignment, fast.assignment)} "
+        f"(peaks {slow.n_peaks} vs {fast.n_peaks}); max relative ID difference {rel:.2e}"
+    )
     flops = 2.0 * args.n**2 * args.d
     floor32 = flops / (rate32 * 1e9)
     floor64 = flops / (rate64 * 1e9)
-    print(f"matrix-product floor of the search: 2N^2D = {flops / 1e12:.2f} TFLOP -> float32 {floor32:.2f} s "
-          f"(symmetric half {floor32 / 2:.2f} s), float64 {floor64:.2f} s (symmetric half {floor64 / 2:.2f} s)")
-    print(f"fast neighbour step = {fast.seconds['neighbours'] / floor32:.2f}x the float32 floor, "
-          f"{fast.seconds['neighbours'] / (floor32 / 2):.2f}x the symmetric float32 floor; "
-          f"dadapy's = {slow.seconds['neighbours'] / floor64:.2f}x the float64 floor")
+    print(
+        f"matrix-product floor of the search: 2N^2D = {flops / 1e12:.2f} TFLOP -> float32 {floor32:.2f} s "
+        f"(symmetric half {floor32 / 2:.2f} s), float64 {floor64:.2f} s (symmetric half {floor64 / 2:.2f} s)"
+    )
+    print(
+        f"fast neighbour step = {fast.seconds['neighbours'] / floor32:.2f}x the float32 floor, "
+        f"{fast.seconds['neighbours'] / (floor32 / 2):.2f}x the symmetric float32 floor; "
+        f"dadapy's = {slow.seconds['neighbours'] / floor64:.2f}x the float64 floor"
+    )
 
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     exact_knn(X, args.maxk, device=args.device, info=info)  # type: ignore[arg-type]
     detail = ", ".join(f"{k} {v:.2f}" for k, v in info.pop("seconds").items())
-    print(f"\nexact_knn once more with details ({time.perf_counter() - t0:.2f} s): {info}; seconds: {detail}")
+    print(
+        f"\nexact_knn once more with details ({time.perf_counter() - t0:.2f} s): {info}; seconds: {detail}"
+    )
     if limits is not None:
         limits.restore_original_limits()
 

@@ -100,6 +100,13 @@ def test_composition_order_and_group_swap(tmp_path: Path) -> None:
     assert cfg2.model.n_layers == 3 and load_config(demo).model.n_layers == 6
 
 
+def test_exponent_without_a_dot_is_a_number() -> None:
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["finetune.lr=1e-3"])
+    assert cfg.finetune.lr == 1e-3
+    with pytest.raises(UserError, match="expected a number"):
+        load_config(REPO / "configs" / "demo.yaml", ["finetune.lr=fast"])
+
+
 def test_hash_is_stable_and_saved(tmp_path: Path) -> None:
     a = load_config(REPO / "configs" / "demo.yaml")
     b = load_config(REPO / "configs" / "demo.yaml")

@@ -29,6 +29,7 @@ import yaml
 from replandscape.errors import UserError
 
 GROUPS = ("model", "cluster")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -296,6 +297,8 @@ def _convert(tp: Any, value: Any, key: str, file: str) -> Any:
                             fix="write a whole number")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"expected a number, got {value!r}", file=file, key=key,
                             fix="write a number")
