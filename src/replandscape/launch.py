@@ -111,6 +111,7 @@ def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str
         else:
             handles = [ex.submit(StageJob(), job.stage, job.config_file, list(job.overrides))]
         entry["job_ids"] = [h.job_id for h in handles]
+        entry["task_outputs"] = list(job.array_outputs) if job.array else list(job.outputs[:1])
         entry["logs"] = [str(h.paths.stderr) for h in handles]
         ids[job.key] = entry["job_ids"]
     return record
@@ -196,11 +197,26 @@ def wait_for(record: dict[str, Any], timeout_s: float, poll_s: float = 3.0) -> i
                               f"{last_error_line(Path(log))}", file=sys.stderr)
             return 1
         if all(s in TERMINAL_OK for s in states.values()):
-            return 0
+            missing = missing_outputs(record)
+            for key, jid, path in missing:
+                print(f"[submit] {key} ({jid}) COMPLETED but left no {path}: see its log",
+                      file=sys.stderr)
+            return 1 if missing else 0
         if time.monotonic() > deadline:
             print("[submit] timed out waiting for the jobs", file=sys.stderr)
             return 1
         time.sleep(poll_s)
+
+
+def missing_outputs(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(job, id, path) of every finished task whose output is absent: Slurm can report a job as
+    completed when its step never launched."""
+    out = []
+    for job in record["jobs"]:
+        for jid, path in zip(job["job_ids"], job.get("task_outputs", [])):
+            if not Path(path).exists():
+                out.append((job["key"], jid, path))
+    return out
 
 
 def last_error_line(log: Path) -> str:

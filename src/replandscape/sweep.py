@@ -83,6 +83,7 @@ class JobSpec:
     depends_on: tuple[str, ...] = ()
     array: tuple[tuple[str, ...], ...] = ()  # extra overrides per array task
     array_labels: tuple[str, ...] = ()
+    array_outputs: tuple[str, ...] = ()  # what each array task must leave behind
     outputs: tuple[str, ...] = ()
     done: bool = False
     cluster: dict[str, Any] = field(default_factory=dict)
@@ -215,6 +216,8 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
         extract = _job(cfg, exp, "extract", f"{name}/extract", gpus=cfg.model.gpus,
                        array=tuple((f"prompts.shots=[{k}]",) for k in (pending or shots)),
                        array_labels=tuple(f"shots{k}" for k in (pending or shots)),
+                       array_outputs=tuple(str(out / "activations" / f"shots{k}.h5")
+                                           for k in (pending or shots)),
                        outputs=tuple(str(out / "activations" / f"shots{k}.h5") for k in shots),
                        done=not pending)
         jobs.append(extract)

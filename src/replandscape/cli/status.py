@@ -42,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
             labels = job.get("labels") or [""] * len(job["job_ids"])
             for k, jid in enumerate(job["job_ids"]):
                 state = states.get(jid, "UNKNOWN")
+                outputs_k = job.get("task_outputs", [])
+                if state == "COMPLETED" and k < len(outputs_k) and not Path(outputs_k[k]).exists():
+                    state = "NO-OUTPUT"  # Slurm said completed, but the stage left nothing
                 name = job["key"] + (f"[{labels[k]}]" if labels[k] else "")
                 print(f"  {name:34s} {jid:12s} {state:12s} {progress:8s}")
-                if state in TERMINAL_BAD:
+                if state in TERMINAL_BAD or state == "NO-OUTPUT":
                     failed += 1
                     log = Path(job["logs"][k])
                     print(f"      error: {last_error_line(log)}")

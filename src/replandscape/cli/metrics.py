@@ -1,0 +1,149 @@
+"""``replandscape metrics``: the geometry metrics of one array of representations.
+
+    replandscape metrics X.npy [--labels NAME=FILE.npy ...] [--maxk K] [--range-max R] [--z Z]
+        [--engine fast|dadapy] [--threads T] [--dendrogram] [--json OUT]
+
+Prints (or writes to OUT) a JSON object with n_points, n_duplicates, id_twonn, id_gride,
+id_gride_ranks, id, n_peaks, core_fraction, ari, overlap, dendrogram, seconds and the parameters
+used. Useful to check one layer by hand; the analysis stage runs the same function per site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replandscape.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "metrics",
+        help="intrinsic dimension, density peaks, ARI and overlap of one [N, D] .npy array",
+        description="Compute the geometry metrics (TwoNN and Gride ID, ADP density peaks, core "
+        "fraction, ARI and overlap with labels) of one array of representations.",
+    )
+    parser.add_argument("array", type=Path, metavar="X.npy", help="[N, D] representations")
+    parser.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="a label array of length N (repeatable), e.g. subject=subjects.npy",
+    )
+    parser.add_argument(
+        "--maxk", type=int, default=1000, help="neighbours per point (default 1000)"
+    )
+    parser.add_argument(
+        "--range-max",
+        type=int,
+        default=100,
+        help="largest neighbour rank of the Gride scaling (default 100)",
+    )
+    parser.add_argument(
+        "--id-scale-index",
+        type=int,
+        default=4,
+        help="Gride scale whose ID feeds the density (default 4)",
+    )
+    parser.add_argument(
+        "--density-k", type=int, default=16, help="kNN density neighbours (default 16)"
+    )
+    parser.add_argument(
+        "--z", type=float, default=1.6, help="ADP merging threshold Z (default 1.6)"
+    )
+    parser.add_argument(
+        "--overlap-fraction",
+        type=float,
+        default=0.3,
+        help="per-class neighbours of the overlap, as a fraction (default 0.3)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("fast", "dadapy"),
+        default="fast",
+        help="nearest neighbours from our exact engine or DADApy's (default fast)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "torch", "cuda", "auto"),
+        default="cpu",
+        help="where the fast engine multiplies matrices (default cpu)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="cap on BLAS/OpenMP threads")
+    parser.add_argument("--dendrogram", action="store_true", help="also build the peak dendrogram")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="write the JSON here instead of standard output",
+    )
+    parser.set_defaults(func=run)
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise UserError("file not found", file=str(path), key=what, fix="check the path")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(
+            f"not a readable .npy array ({exc})",
+            file=str(path),
+            key=what,
+            fix="save it with numpy.save",
+        ) from exc
+
+
+def _parse_labels(specs: list[str]) -> dict[str, np.ndarray]:
+    labels: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise UserError(f"expected NAME=FILE.npy, got {spec!r}", key="--labels")
+        if name in labels:
+            raise UserError(f"label name {name!r} given twice", key="--labels")
+        labels[name] = _load_npy(Path(file), f"labels.{name}")
+    return labels
+
+
+def run(args: argparse.Namespace) -> int:
+    from replandscape.metrics.geometry import GeometryParams, compute_geometry, params_to_dict
+
+    X = _load_npy(args.array, "X")
+    labels = _parse_labels(args.labels)
+    params = GeometryParams(
+        maxk=args.maxk,
+        range_max=args.range_max,
+        id_scale_index=args.id_scale_index,
+        density_k=args.density_k,
+        Z=args.z,
+        overlap_fraction=args.overlap_fraction,
+        engine=args.engine,
+        device=args.device,
+        threads=args.threads,
+        compute_dendrogram=args.dendrogram,
+    )
+    try:
+        result = compute_geometry(X, labels, params)
+    except UserError as exc:
+        # name the input file in the one-line message
+        raise UserError(str(exc), file=str(args.array)) from exc
+    out = result.to_json_dict()
+    out["params"] = params_to_dict(params)
+    text = json.dumps(out, indent=2)
+    if args.json is None:
+        sys.stdout.write(text + "\n")
+    else:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write the JSON ({exc.strerror})", file=str(args.json)) from exc
+    return 0

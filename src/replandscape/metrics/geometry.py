@@ -1,0 +1,429 @@
+"""Geometry of one layer's representations: intrinsic dimension, density peaks, label agreement.
+
+Every estimator is computed by DADApy, the reference implementation; this module only chooses
+where the nearest neighbours come from (``engine``): DADApy's own float64 scikit-learn search
+(``"dadapy"``) or :func:`replandscape.metrics.neighbors.exact_knn` (``"fast"``), which returns
+the same neighbours and hands them to ``dadapy.Data(distances=(dist, ind))``.
+
+Steps (METHOD.md section 4): cast to float64, remove exact duplicate rows (the labels follow the
+kept rows), neighbours up to ``maxk``, TwoNN and Gride intrinsic dimension, kNN density at the
+Gride ID of index ``id_scale_index``, Advanced Density Peaks once without halo (peaks, assignment,
+ARI) and once with halo (core fraction), label neighbourhood overlap, optionally the dendrogram of
+the density peaks.
+
+References:
+    E. Facco, M. d'Errico, A. Rodriguez, A. Laio. Estimating the intrinsic dimension of datasets
+    by a minimal neighborhood information. Scientific Reports 7, 12140 (2017). [TwoNN]
+
+    F. Denti, D. Doimo, A. Laio, A. Mira. The generalized ratios intrinsic dimension estimator.
+    Scientific Reports 12, 20005 (2022). [Gride]
+
+    M. d'Errico, E. Facco, A. Laio, A. Rodriguez. Automatic topography of high-dimensional data
+    sets by non-parametric density peak clustering. Information Sciences 560, 476-492 (2021). [ADP]
+
+    A. Glielmo, I. Macocco, D. Doimo, et al. DADApy: Distance-based analysis of data-manifolds in
+    Python. Patterns 3, 100589 (2022). [the implementation]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from replandscape.errors import UserError
+from replandscape.metrics.neighbors import deduplicate, exact_knn
+
+Engine = Literal["fast", "dadapy"]
+
+
+@dataclass(frozen=True)
+class GeometryParams:
+    """Parameters of the geometry analysis; defaults are those of the reference method.
+
+    Attributes:
+        maxk: neighbours computed per point (the data must have more than ``maxk`` points).
+        range_max: largest neighbour rank of the Gride scaling; scales are ranks 1, 2, 4, ...
+            against their doubles, ``floor(log2(range_max))`` of them (6 for 100).
+        id_scale_index: which Gride scale gives the ID used downstream (4: rank 16 vs 32,
+            consistent with ``density_k`` = 16).
+        density_k: neighbours of the kNN density estimator.
+        Z: merging threshold of Advanced Density Peaks.
+        overlap_fraction: per class, the overlap looks at ``int(fraction x class size)``
+            neighbours (at least 1).
+        dendrogram_min_size: peaks with more points than this enter the dendrogram.
+        dendrogram_label_fraction: a leaf is labelled by every label whose count in the peak
+            exceeds this fraction of the peak's most frequent label.
+        dendrogram_labels: the label array naming the leaves (the first one when absent).
+        engine: ``"fast"`` (our exact neighbour engine) or ``"dadapy"`` (DADApy's default
+            scikit-learn search); the estimators are DADApy's either way.
+        device: device of the fast engine (``"cpu"``, ``"torch"``, ``"cuda"``, ``"auto"``).
+        threads: cap on BLAS/OpenMP threads (None leaves them as they are).
+        compute_dendrogram: whether to build the dendrogram of the density peaks.
+    """
+
+    maxk: int = 1000
+    range_max: int = 100
+    id_scale_index: int = 4
+    density_k: int = 16
+    Z: float = 1.6
+    overlap_fraction: float = 0.3
+    dendrogram_min_size: int = 30
+    dendrogram_label_fraction: float = 0.2
+    dendrogram_labels: str = "subject"
+    engine: Engine = "fast"
+    device: str = "cpu"
+    threads: int | None = None
+    compute_dendrogram: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class GeometryResult:
+    """What :func:`compute_geometry` measured on one ``[N, D]`` array.
+
+    Attributes:
+        n_points: points analysed (after removing duplicates).
+        n_duplicates: exact duplicate rows removed first.
+        id_twonn: TwoNN intrinsic dimension (DADApy defaults: linear fit, 90% of the ratios).
+        id_gride: Gride intrinsic dimensions, smallest scale first.
+        id_gride_ranks: the neighbour rank ``n`` of each Gride scale (``n`` vs ``2n``).
+        id: the Gride ID at ``id_scale_index``, used for the density.
+        n_peaks: density peaks found by ADP without halo.
+        core_fraction: share of points that are not halo (label != -1) in ADP with halo.
+        assignment: ADP cluster of each analysed point, without halo (deduplicated order).
+        ari: adjusted Rand index between ``assignment`` and each label array.
+        overlap: label neighbourhood overlap of each label array.
+        dendrogram: None, or ``linkage`` (scipy's rows as lists), ``leaf_labels`` and
+            ``peak_sizes`` of the peaks larger than ``dendrogram_min_size``.
+        seconds: wall time of each step.
+    """
+
+    n_points: int
+    n_duplicates: int
+    id_twonn: float
+    id_gride: tuple[float, ...]
+    id_gride_ranks: tuple[int, ...]
+    id: float
+    n_peaks: int
+    core_fraction: float
+    assignment: np.ndarray
+    ari: dict[str, float]
+    overlap: dict[str, float]
+    dendrogram: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json_dict(self, *, include_assignment: bool = False) -> dict[str, Any]:
+        """Plain JSON-ready values (the assignment only when asked: it has one entry per point)."""
+        out: dict[str, Any] = {
+            "n_points": int(self.n_points),
+            "n_duplicates": int(self.n_duplicates),
+            "id_twonn": float(self.id_twonn),
+            "id_gride": [float(v) for v in self.id_gride],
+            "id_gride_ranks": [int(v) for v in self.id_gride_ranks],
+            "id": float(self.id),
+            "n_peaks": int(self.n_peaks),
+            "core_fraction": float(self.core_fraction),
+            "ari": {k: float(v) for k, v in self.ari.items()},
+            "overlap": {k: float(v) for k, v in self.overlap.items()},
+            "dendrogram": self.dendrogram,
+            "seconds": {k: float(v) for k, v in self.seconds.items()},
+        }
+        if include_assignment:
+            out["assignment"] = [int(v) for v in self.assignment]
+        return out
+
+
+def params_to_dict(params: GeometryParams) -> dict[str, Any]:
+    """The parameters as a plain dict (for provenance next to results)."""
+    return asdict(params)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _check_params(params: GeometryParams) -> None:
+    if params.maxk < 2:
+        raise UserError(f"maxk must be at least 2, got {params.maxk}", key="maxk")
+    if params.range_max < 2:
+        raise UserError(f"range_max must be at least 2, got {params.range_max}", key="range_max")
+    if params.range_max > params.maxk:
+        # DADApy would silently shrink the Gride range to maxk
+        raise UserError(
+            f"range_max = {params.range_max} exceeds maxk = {params.maxk}",
+            key="range_max",
+            fix="lower range_max or raise maxk",
+        )
+    n_scales = int(math.log2(params.range_max))
+    if not 0 <= params.id_scale_index < n_scales:
+        raise UserError(
+            f"id_scale_index = {params.id_scale_index} but range_max = {params.range_max} gives "
+            f"{n_scales} Gride scales",
+            key="id_scale_index",
+        )
+    if not 1 <= params.density_k <= params.maxk:
+        raise UserError(f"density_k must be in [1, maxk], got {params.density_k}", key="density_k")
+    if params.engine not in ("fast", "dadapy"):
+        raise UserError(f"engine must be 'fast' or 'dadapy', got {params.engine!r}", key="engine")
+    if not 0.0 < params.overlap_fraction <= 1.0:
+        raise UserError("overlap_fraction must be in (0, 1]", key="overlap_fraction")
+
+
+def _check_input(
+    X: np.ndarray, labels: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise UserError(
+            f"representations must be a non-empty [N, D] array, got shape {X.shape}", key="X"
+        )
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise UserError(f"representations must be numeric, got dtype {X.dtype}", key="X")
+    X64 = np.asarray(X, dtype=np.float64)
+    finite = np.isfinite(X64)
+    if not finite.all():
+        bad = int((~finite.all(axis=1)).sum())
+        raise UserError(
+            f"{bad} rows contain NaN or infinite values", key="X", fix="drop or repair those rows"
+        )
+    checked: dict[str, np.ndarray] = {}
+    for name, lab in labels.items():
+        arr = np.asarray(lab)
+        if arr.ndim != 1 or arr.shape[0] != X64.shape[0]:
+            raise UserError(
+                f"label array has shape {arr.shape}, expected ({X64.shape[0]},) (one per row)",
+                key=f"labels.{name}",
+            )
+        checked[name] = arr
+    return X64, checked
+
+
+def _check_assignment(assignment: np.ndarray, n_clusters: int, what: str) -> None:
+    """Fail loudly on labels outside [-1, N_clusters) (DADApy issue 165)."""
+    a = np.asarray(assignment)
+    if a.size and (a.min() < -1 or a.max() >= n_clusters):
+        raise RuntimeError(
+            f"DADApy ADP ({what}) returned cluster labels in [{a.min()}, {a.max()}] with "
+            f"N_clusters = {n_clusters}; labels must lie in [-1, N_clusters) (DADApy issue 165)"
+        )
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """Integer codes of arbitrary label values (DADApy's overlap casts labels to int)."""
+    _, inverse = np.unique(values, return_inverse=True)
+    return inverse.ravel().astype(np.int64)
+
+
+def _dendrogram(
+    cluster_indices: Sequence[Sequence[int]],
+    centers: Sequence[int],
+    log_den: np.ndarray,
+    saddle: np.ndarray,
+    leaf_values: np.ndarray | None,
+    names: Sequence[str] | None,
+    params: GeometryParams,
+) -> dict[str, Any]:
+    """Weighted-linkage dendrogram of the large density peaks (d'Errico et al. 2021, fig. 5).
+
+    The dissimilarity of two peaks is the highest peak log-density minus the log-density of
+    their saddle point.
+    """
+    from scipy.cluster.hierarchy import linkage
+
+    sizes = np.array([len(c) for c in cluster_indices], dtype=np.int64)
+    keep = np.flatnonzero(sizes > params.dendrogram_min_size)
+    peaks = log_den[np.asarray(centers, dtype=np.int64)[keep]]
+    sub = np.asarray(saddle, dtype=np.float64)[np.ix_(keep, keep)]
+    leaf_labels: list[str] = []
+    for p in keep:
+        if leaf_values is None:
+            leaf_labels.append(f"peak {int(p)}")
+            continue
+        counts = Counter(leaf_values[np.asarray(cluster_indices[p], dtype=np.int64)].tolist())
+        top = max(counts.values())
+        chosen = sorted(
+            (v for v, c in counts.items() if c > params.dendrogram_label_fraction * top),
+            key=lambda v: (-counts[v], str(v)),
+        )
+        leaf_labels.append(", ".join(_label_name(v, names) for v in chosen))
+    link: list[list[float]] = []
+    if keep.size >= 2:
+        fmax = float(peaks.max())
+        iu = np.triu_indices(keep.size, k=1)
+        condensed = fmax - sub[iu]
+        link = linkage(condensed, method="weighted").tolist()
+    return {"linkage": link, "leaf_labels": leaf_labels, "peak_sizes": sizes[keep].tolist()}
+
+
+def _label_name(value: Any, names: Sequence[str] | None) -> str:
+    if names is not None and isinstance(value, (int, np.integer)) and 0 <= int(value) < len(names):
+        return str(names[int(value)])
+    return str(value)
+
+
+def compute_geometry(
+    X: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    params: GeometryParams,
+    *,
+    label_names: Mapping[str, Sequence[str]] | None = None,
+) -> GeometryResult:
+    """All geometry metrics of one ``[N, D]`` array of representations.
+
+    Args:
+        X: representations, one row per prompt (any numeric dtype; analysed in float64).
+        labels: label arrays of length N by name (for example ``subject`` and ``answer``);
+            ARI and overlap are reported for each.
+        params: the analysis parameters.
+        label_names: optional names of integer label codes, by label name, used for the
+            dendrogram's leaves.
+
+    Returns:
+        The :class:`GeometryResult`.
+
+    Raises:
+        UserError: non-finite or non-numeric values, all rows identical, no more than ``maxk``
+            distinct rows, label arrays of the wrong length, inconsistent parameters.
+        RuntimeError: DADApy returned cluster labels outside ``[-1, N_clusters)``.
+    """
+    t_total = time.perf_counter()
+    seconds: dict[str, float] = {}
+    _check_params(params)
+    X64, raw_labels = _check_input(X, labels)
+
+    t0 = time.perf_counter()
+    Xu, kept, n_duplicates = deduplicate(X64)
+    kept_labels = {name: lab[kept] for name, lab in raw_labels.items()}
+    N = Xu.shape[0]
+    seconds["deduplicate"] = time.perf_counter() - t0
+    if N == 1:
+        raise UserError(f"all {X64.shape[0]} rows are identical", key="X")
+    if params.maxk >= N:
+        raise UserError(
+            f"{N} distinct points (of {X64.shape[0]}, {n_duplicates} duplicates removed) but the "
+            f"analysis needs more than maxk = {params.maxk}",
+            key="maxk",
+            fix="use more points or a smaller maxk",
+        )
+    codes = {name: _codes(lab) for name, lab in kept_labels.items()}
+    # the overlap looks at int(fraction x class size) neighbours, which may exceed maxk
+    k_overlap = max(
+        (max(1, int(np.bincount(c).max() * params.overlap_fraction)) for c in codes.values()),
+        default=1,
+    )
+
+    from dadapy import Data  # imported here: importing dadapy takes seconds (it loads jax)
+
+    limits = threadpool_limits(limits=params.threads) if params.threads is not None else None
+    try:
+        t0 = time.perf_counter()
+        if params.engine == "fast":
+            # one search serves both: a prefix of a (distance, index)-sorted list is the shorter list
+            k_search = max(params.maxk, k_overlap)
+            dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+            m = params.maxk + 1
+            data = Data(
+                distances=(np.ascontiguousarray(dist[:, :m]), np.ascontiguousarray(ind[:, :m])),
+                maxk=params.maxk,
+                verbose=False,
+            )
+            overlap_data = (
+                data
+                if k_search == params.maxk
+                else Data(distances=(dist, ind), maxk=k_search, verbose=False)
+            )
+        else:
+            data = Data(coordinates=Xu, maxk=params.maxk, verbose=False)
+            data.compute_distances(maxk=params.maxk)
+            overlap_data = data  # DADApy searches again itself when the overlap needs more
+        seconds["neighbours"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        id_twonn = float(data.compute_id_2NN()[0])
+        # range_max <= maxk < N was checked, so DADApy uses all requested scales
+        ids, _, _ = data.return_id_scaling_gride(range_max=params.range_max)
+        id_gride = tuple(float(v) for v in ids)
+        ranks = tuple(2**i for i in range(len(id_gride)))
+        chosen_id = id_gride[params.id_scale_index]
+        seconds["intrinsic_dimension"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        data.set_id(chosen_id)
+        data.compute_density_kNN(k=params.density_k)
+        seconds["density"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        assignment = np.array(data.compute_clustering_ADP(Z=params.Z, halo=False), dtype=np.int64)
+        n_peaks = int(data.N_clusters)
+        _check_assignment(assignment, n_peaks, "without halo")
+        peak_state = (
+            [list(c) for c in data.cluster_indices],
+            list(data.cluster_centers),
+            np.array(data.log_den_bord, dtype=np.float64),
+        )
+        with_halo = np.asarray(data.compute_clustering_ADP(Z=params.Z, halo=True))
+        _check_assignment(with_halo, int(data.N_clusters), "with halo")
+        core_fraction = float(np.mean(with_halo != -1))
+        seconds["clustering"] = time.perf_counter() - t0
+
+        from sklearn.metrics import adjusted_rand_score
+
+        t0 = time.perf_counter()
+        ari = {
+            name: float(adjusted_rand_score(lab, assignment)) for name, lab in kept_labels.items()
+        }
+        seconds["ari"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        overlap = {
+            name: float(
+                overlap_data.return_label_overlap(c, class_fraction=params.overlap_fraction)
+            )
+            for name, c in codes.items()
+        }
+        seconds["overlap"] = time.perf_counter() - t0
+
+        dendrogram = None
+        if params.compute_dendrogram:
+            t0 = time.perf_counter()
+            key = (
+                params.dendrogram_labels
+                if params.dendrogram_labels in kept_labels
+                else next(iter(kept_labels), None)
+            )
+            names = label_names.get(key) if (label_names is not None and key is not None) else None
+            dendrogram = _dendrogram(
+                peak_state[0],
+                peak_state[1],
+                np.asarray(data.log_den),
+                peak_state[2],
+                kept_labels[key] if key is not None else None,
+                names,
+                params,
+            )
+            seconds["dendrogram"] = time.perf_counter() - t0
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+
+    seconds["total"] = time.perf_counter() - t_total
+    return GeometryResult(
+        n_points=N,
+        n_duplicates=n_duplicates,
+        id_twonn=id_twonn,
+        id_gride=id_gride,
+        id_gride_ranks=ranks,
+        id=chosen_id,
+        n_peaks=n_peaks,
+        core_fraction=core_fraction,
+        assignment=assignment,
+        ari=ari,
+        overlap=overlap,
+        dendrogram=dendrogram,
+        seconds=seconds,
+    )

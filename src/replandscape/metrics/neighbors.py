@@ -1,0 +1,710 @@
+"""Exact Euclidean k-nearest neighbours, fast, in DADApy's layout.
+
+DADApy's default path (``Data.compute_distances``) asks scikit-learn for a float64 brute-force
+search: ``2 N^2 D`` float64 flops, which dominate the whole geometry analysis. This engine finds
+the same neighbours with one of two strategies, both built on blocked matrix products of the
+mean-shifted data (``|x|^2 + |y|^2 - 2 x.y``, well conditioned once the mean is removed):
+
+``"float32"``: candidates, then exact re-ranking.
+    1. Float32 products (only half of them when the ``N x N`` matrix fits in memory, by the
+       symmetry of distances) give each row its ``k + 1 + margin`` smallest squared distances.
+    2. The rows are put in an order where neighbours follow each other (a depth-first walk of
+       the candidate graph); for each block of consecutive rows the union of their candidates is
+       gathered and their squared distances are recomputed by a float64 product; each row is
+       then sorted by (distance, index).
+    3. A row is accepted only when its exact ``k``-th distance lies below the smallest distance
+       that any left-out point can have, given a bound on the float32 error (four times the
+       largest error seen on all candidate pairs, never less than ``sqrt(D)`` float32
+       roundings); a row that fails is searched again exhaustively in float64.
+
+``"float64"``: one exhaustive float64 pass, halved by symmetry when the matrix fits in memory,
+    then exact selection and ordering.
+
+``"auto"`` (default) compares the two from the candidate sets of the rows nearest to a few random
+points: the float32 pass costs ``1 / r`` of the float64 one (``r``, the float32 over float64
+throughput, about 1.8 on CPUs, about 1 on GPUs) and the re-ranking ``2 u`` more, ``u`` being the
+fraction of the points a block of nearby rows needs. Clustered data with neighbourhoods spread
+over the whole set (the planted benchmark, ``u`` about 0.2) favour ``"float64"``; smooth,
+local neighbourhoods favour ``"float32"``. Both give the same result.
+
+Conventions are those of ``dadapy.Data(distances=(dist, ind))``: arrays ``[N, k + 1]``, column 0
+the point itself at distance exactly 0, float64 Euclidean distances increasing along each row,
+int64 indices. Equal distances are ordered by index, and at the ``k``-th rank the lower index
+wins. Within a group of exactly equal distances scikit-learn's own order is an artefact of its
+heap and introsort (its source notes that it does not break ties by index), so that is the only
+place where the two can differ; distinct real-valued points almost never tie. Exact duplicate
+rows are at distance exactly 0 from each other, the point itself first; remove them beforehand
+with :func:`deduplicate`, as the method requires. (scikit-learn's own distances carry the
+rounding of the unshifted formula: about 1e-6 instead of 0 for a point to itself.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from threadpoolctl import threadpool_limits
+
+Device = Literal["cpu", "torch", "cuda", "auto"]
+Strategy = Literal["auto", "float32", "float64"]
+
+_U32 = float(np.finfo(np.float32).eps) / 2.0  # unit roundoff of float32
+_ERROR_SAFETY = 4.0  # the bound is this many times the largest float32 error observed
+_RERANK_ROWS = 128  # rows re-ranked together in float64 (their candidate union is gathered)
+_ORDER_NEIGHBOURS = 8  # edges per row of the graph whose depth-first walk orders the rows
+_HASH_COLUMNS = 256
+
+# --------------------------------------------------------------------------------------------
+# duplicates
+
+
+def _void_rows(X: np.ndarray) -> np.ndarray:
+    """One opaque value per row, equal exactly when the rows are equal as numbers."""
+    Xc = np.ascontiguousarray(X, dtype=np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return Xc.view(np.dtype((np.void, Xc.dtype.itemsize * Xc.shape[1]))).ravel()
+
+
+def duplicate_groups(X: np.ndarray) -> np.ndarray:
+    """Label the rows of ``X`` so that exactly identical rows share a label.
+
+    The label of a row is the index of the first row identical to it, so ``labels == arange(N)``
+    when there are no duplicates. Rows are first bucketed by an exact integer hash of the bit
+    patterns of a few columns; only buckets with more than one row are compared in full.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    N, D = X.shape
+    labels = np.arange(N, dtype=np.int64)
+    if N < 2:
+        return labels
+    cols = np.unique(np.linspace(0, D - 1, min(D, _HASH_COLUMNS)).astype(np.int64))
+    bits = (X[:, cols] + 0.0).view(np.uint64)
+    weights = np.random.default_rng(20240917).integers(1, 2**63, size=cols.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        hashes = (bits * (weights | np.uint64(1))).sum(axis=1, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    ends = np.r_[starts[1:], N]
+    for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        members = np.sort(order[s:e])
+        _, first, inverse = np.unique(
+            _void_rows(X[members]), return_index=True, return_inverse=True
+        )
+        labels[members] = members[first[inverse.ravel()]]
+    return labels
+
+
+def deduplicate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Remove exact duplicate rows, keeping the first occurrence of each, in the original order.
+
+    Args:
+        X: ``[N, D]`` array.
+
+    Returns:
+        ``(X_unique, kept_index, n_duplicates)``: the kept rows, their indices in ``X``
+        (increasing, so labels follow as ``labels[kept_index]``) and how many rows were removed.
+    """
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {X.shape}")
+    labels = duplicate_groups(X)
+    kept = np.flatnonzero(labels == np.arange(X.shape[0])).astype(np.int64)
+    return X[kept], kept, int(X.shape[0] - kept.size)
+
+
+# --------------------------------------------------------------------------------------------
+# ordering helpers
+
+
+def _order_rows(keys: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the ``m`` smallest ``keys`` of each row, ordered by (key, ``cols``)."""
+    width = keys.shape[1]
+    if m < width:
+        part = np.argpartition(keys, m, axis=1)[:, : m + 1]  # one more, to see ties at rank m
+        part = np.take_along_axis(
+            part, np.argsort(np.take_along_axis(keys, part, axis=1), axis=1), axis=1
+        )
+    else:
+        part = np.argsort(keys, axis=1)
+    sorted_keys = np.take_along_axis(keys, part, axis=1)
+    # argsort does not order equal keys by column, and a tie across rank m may hide a lower
+    # column outside the partition (then the key at rank m repeats): redo those few rows
+    tied = (sorted_keys[:, 1:] == sorted_keys[:, :-1]).any(axis=1)
+    out = part[:, :m].copy()
+    for r in np.flatnonzero(tied):
+        out[r] = np.lexsort((cols[r], keys[r]))[:m]
+    return out
+
+
+def _select_smallest(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n_keep`` smallest entries of each row (unordered) and the next value of each row.
+
+    A threshold from a strided sample of the columns picks a small superset of the wanted
+    entries, which is then partitioned exactly; rows where the sample guessed too low are
+    partitioned in full. This costs about half of an ``argpartition`` of the whole block.
+    """
+    n_rows, N = keys.shape
+    target = n_keep + 1
+    if 10 * target > N:  # a threshold would keep too much to save anything
+        part = np.argpartition(keys, n_keep, axis=1)
+        return (
+            part[:, :n_keep],
+            np.take_along_axis(keys, part[:, :n_keep], axis=1),
+            np.take_along_axis(keys, part[:, n_keep : n_keep + 1], axis=1)[:, 0],
+        )
+    stride = max(1, target // 64)
+    sample = keys[:, ::stride]
+    expected = target / stride  # rank of the wanted boundary within the sample
+    rank = min(sample.shape[1] - 1, int(math.ceil(1.1 * expected + 2.0 * math.sqrt(expected))) + 1)
+    threshold = np.partition(sample, rank, axis=1)[:, rank]
+    mask = keys <= threshold[:, None]
+    counts = mask.sum(axis=1)
+    cand = np.empty((n_rows, n_keep), dtype=np.int64)
+    cvals = np.empty((n_rows, n_keep), dtype=keys.dtype)
+    nxt = np.empty(n_rows, dtype=keys.dtype)
+    bad = np.flatnonzero(counts < target)
+    if bad.size:
+        mask[bad] = False
+        counts[bad] = 0
+    good = np.flatnonzero(counts)
+    if good.size:
+        flat = np.flatnonzero(mask)
+        r_idx = np.repeat(np.arange(n_rows), counts)
+        c_idx = flat - r_idx * N
+        width = int(counts.max())
+        slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        padded = np.full((n_rows, width), np.inf, dtype=keys.dtype)
+        padded_cols = np.zeros((n_rows, width), dtype=np.int64)
+        padded[r_idx, slot] = keys.ravel()[flat]
+        padded_cols[r_idx, slot] = c_idx
+        padded, padded_cols = padded[good], padded_cols[good]
+        part = np.argpartition(padded, n_keep, axis=1)
+        cand[good] = np.take_along_axis(padded_cols, part[:, :n_keep], axis=1)
+        cvals[good] = np.take_along_axis(padded, part[:, :n_keep], axis=1)
+        nxt[good] = np.take_along_axis(padded, part[:, n_keep : n_keep + 1], axis=1)[:, 0]
+    if bad.size:
+        part = np.argpartition(keys[bad], n_keep, axis=1)
+        cand[bad] = part[:, :n_keep]
+        cvals[bad] = np.take_along_axis(keys[bad], part[:, :n_keep], axis=1)
+        nxt[bad] = np.take_along_axis(keys[bad], part[:, n_keep : n_keep + 1], axis=1)[:, 0]
+    return cand, cvals, nxt
+
+
+def _locality_order(cand: np.ndarray, ckey: np.ndarray) -> np.ndarray:
+    """Order the rows so that consecutive rows share candidates.
+
+    A depth-first walk of the graph joining each row to its few nearest candidates visits
+    neighbours one after the other (like a space-filling curve), so in the reordered distance
+    matrix the candidate pairs fill few tiles.
+    """
+    N, width = cand.shape
+    m = min(_ORDER_NEIGHBOURS + 1, width)
+    near = (
+        np.argpartition(ckey, m - 1, axis=1)[:, :m]
+        if m < width
+        else np.broadcast_to(np.arange(width), (N, width))
+    )
+    heads = np.repeat(np.arange(N), m)
+    tails = np.take_along_axis(cand, near, axis=1).ravel()
+    graph = coo_matrix((np.ones(heads.size, dtype=np.int8), (heads, tails)), shape=(N, N)).tocsr()
+    graph = (graph + graph.T).tocsr()
+    indptr, indices = graph.indptr, graph.indices
+    seen = np.zeros(N, dtype=bool)
+    order = np.empty(N, dtype=np.int64)
+    filled = 0
+    for start in range(N):
+        if seen[start]:
+            continue
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            if seen[node]:
+                continue
+            seen[node] = True
+            order[filled] = node
+            filled += 1
+            nbrs = indices[indptr[node] : indptr[node + 1]]
+            stack.extend(nbrs[~seen[nbrs]].tolist())
+    return order
+
+
+# --------------------------------------------------------------------------------------------
+# back ends: where the matrix products run
+
+
+class _Backend(Protocol):
+    name: str
+    float64_speed_ratio: float  # float32 over float64 matrix-product throughput
+    symmetric: bool  # whether ``smallest`` can fill a stored matrix from half the products
+
+    def smallest(
+        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray: ...
+
+    def limit_threads(self, threads: int | None) -> contextlib.AbstractContextManager[None]: ...
+
+
+def _take_smallest(
+    keys: np.ndarray, i0: int, n_keep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For rows ``i0 ...`` of the key matrix: the point itself, the other smallest keys, and the
+    next key of each row (the smallest key left out)."""
+    n_rows = keys.shape[0]
+    rows = np.arange(n_rows)
+    self_cols = np.arange(i0, i0 + n_rows)
+    saved = keys[rows, self_cols].copy()
+    keys[rows, self_cols] = -np.inf
+    cand, cvals, nxt = _select_smallest(keys, n_keep)
+    keys[rows, self_cols] = saved
+    r, c = np.nonzero(cand == self_cols[:, None])
+    cvals[r, c] = saved[r]
+    return cand, cvals, nxt
+
+
+def _add_transposed(g: np.ndarray, row_term: np.ndarray, out: np.ndarray, tile: int = 256) -> None:
+    """``out = g.T + row_term[None, :]``, tile by tile so that the transposition stays in cache
+    (about 2.5 times faster than one strided pass over a large block)."""
+    rows, cols = g.shape
+    for s in range(0, rows, tile):
+        for t in range(0, cols, tile):
+            np.add(
+                g[s : s + tile, t : t + tile].T,
+                row_term[None, s : s + tile],
+                out=out[t : t + tile, s : s + tile],
+            )
+
+
+class _NumpyBackend:
+    """Matrix products through numpy's BLAS; threads capped with threadpoolctl."""
+
+    name = "numpy"
+    float64_speed_ratio = 1.8  # measured with OpenBLAS on AVX-512 and AVX2 CPUs
+    symmetric = True  # computes half of a stored distance matrix
+
+    def smallest(
+        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row, the ``n_keep`` smallest keys ``|x_j|^2 - 2 x_i.x_j`` (the row's own
+        ``|x_i|^2`` left out), in the precision of ``X``."""
+        N = X.shape[0]
+        cand = np.empty((N, n_keep), dtype=np.int64)
+        ckey = np.empty((N, n_keep), dtype=X.dtype)
+        nxt = np.full(N, np.inf, dtype=X.dtype)
+        starts = list(range(0, N, block_rows))
+        full: np.ndarray | None = None
+        minus2 = X * -2.0  # exact: a power of two, so (-2x).y == -2 (x.y) bit for bit
+        if symmetric:
+            # each product block fills two blocks of rows of the stored matrix
+            full = np.empty((N, N), dtype=X.dtype)
+            for a, i0 in enumerate(starts):
+                i1 = min(i0 + block_rows, N)
+                for j0 in starts[a:]:
+                    j1 = min(j0 + block_rows, N)
+                    g = X[i0:i1] @ minus2[j0:j1].T
+                    np.add(g, sq[None, j0:j1], out=full[i0:i1, j0:j1])
+                    if j0 != i0:
+                        _add_transposed(g, sq[i0:i1], full[j0:j1, i0:i1])
+        for i0 in starts:
+            i1 = min(i0 + block_rows, N)
+            if full is not None:
+                keys = full[i0:i1]
+            else:
+                keys = X[i0:i1] @ minus2.T
+                keys += sq[None, :]
+            if n_keep < N:
+                cand[i0:i1], ckey[i0:i1], nxt[i0:i1] = _take_smallest(keys, i0, n_keep)
+            else:
+                cand[i0:i1] = np.arange(N)
+                ckey[i0:i1] = keys
+        return cand, ckey, nxt
+
+    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+        return X[rows] @ (X if cols is None else X[cols]).T
+
+    @contextlib.contextmanager
+    def limit_threads(self, threads: int | None) -> Iterator[None]:
+        if threads is None:
+            yield
+        else:
+            with threadpool_limits(limits=threads):
+                yield
+
+
+class _TorchBackend:
+    """Matrix products and top-k through torch, on a CUDA device or on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.name = f"torch-{self.device.type}"
+        # GPUs run float64 about as fast as (non-TF32) float32
+        self.float64_speed_ratio = 1.0 if self.device.type == "cuda" else 1.8
+        self.symmetric = False
+        self._on_device: tuple[int, Any] | None = None
+
+    def _tensor(self, X: np.ndarray) -> Any:
+        if self._on_device is None or self._on_device[0] != id(X):
+            self._on_device = None  # free the previous copy first
+            self._on_device = (id(X), self.torch.from_numpy(X).to(self.device))
+        return self._on_device[1]
+
+    def smallest(
+        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        torch = self.torch
+        Xt = self._tensor(X)
+        N = X.shape[0]
+        sq_t = torch.from_numpy(sq).to(self.device)
+        cand = np.empty((N, n_keep), dtype=np.int64)
+        ckey = np.empty((N, n_keep), dtype=X.dtype)
+        nxt = np.full(N, np.inf, dtype=X.dtype)
+        take = min(n_keep + 1, N)
+        for i0 in range(0, N, block_rows):
+            i1 = min(i0 + block_rows, N)
+            keys = torch.addmm(sq_t[None, :], Xt[i0:i1], Xt.T, beta=1.0, alpha=-2.0)
+            rows = torch.arange(i1 - i0, device=self.device)
+            self_cols = rows + i0
+            saved = keys[rows, self_cols].clone()
+            keys[rows, self_cols] = -torch.inf
+            vals, idx = torch.topk(keys, take, dim=1, largest=False, sorted=True)
+            vals = torch.where(idx == self_cols[:, None], saved[:, None].expand_as(vals), vals)
+            cand[i0:i1] = idx[:, :n_keep].cpu().numpy()
+            ckey[i0:i1] = vals[:, :n_keep].cpu().numpy()
+            if take > n_keep:
+                nxt[i0:i1] = vals[:, n_keep].cpu().numpy()
+        return cand, ckey, nxt
+
+    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+        Xt = self._tensor(X)
+        left = Xt[self.torch.from_numpy(rows).to(self.device)]
+        right = Xt if cols is None else Xt[self.torch.from_numpy(cols).to(self.device)]
+        return (left @ right.T).cpu().numpy()
+
+    @contextlib.contextmanager
+    def limit_threads(self, threads: int | None) -> Iterator[None]:
+        if threads is None:
+            yield
+            return
+        before = self.torch.get_num_threads()
+        self.torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(limits=threads):
+                yield
+        finally:
+            self.torch.set_num_threads(before)
+
+
+def _make_backend(device: str) -> _Backend:
+    if device == "cpu":
+        return _NumpyBackend()
+    if device not in ("torch", "cuda", "auto"):
+        raise ValueError(f"device must be one of cpu, torch, cuda, auto; got {device!r}")
+    try:
+        import torch
+    except ImportError as exc:
+        if device == "auto":
+            return _NumpyBackend()
+        raise ValueError(f"device={device!r} needs torch, which is not installed") from exc
+    if device == "auto":
+        return _TorchBackend("cuda") if torch.cuda.is_available() else _NumpyBackend()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    return _TorchBackend("cuda" if device == "cuda" else "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+
+
+def exact_knn(
+    X: np.ndarray,
+    k: int,
+    *,
+    block_rows: int = 1024,
+    threads: int | None = None,
+    device: Device = "cpu",
+    strategy: Strategy = "auto",
+    margin: int | None = None,
+    memory_limit_gb: float = 2.0,
+    info: MutableMapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours of every row of ``X``, as an exact float64 search finds them.
+
+    Args:
+        X: ``[N, D]`` finite array of any float type; distances are those of its float64 cast.
+        k: neighbours per point, ``1 <= k <= N - 1``.
+        block_rows: rows per block of matrix products.
+        threads: cap on BLAS, OpenMP and torch threads during the call (None: leave them).
+        device: ``"cpu"`` (numpy's BLAS), ``"torch"`` (torch on the CPU), ``"cuda"`` (torch on
+            the GPU) or ``"auto"`` (CUDA when torch sees one, else numpy).
+        strategy: ``"float32"`` (float32 candidates, float64 re-ranking), ``"float64"`` (one
+            exhaustive float64 pass) or ``"auto"`` (the cheaper of the two, estimated from the
+            candidate sets of a few hundred rows; see the module docstring).
+        margin: float32 candidates kept per row beyond ``k + 1`` (default ``max(32, k // 20)``);
+            a larger margin only makes the exhaustive fallback rarer.
+        memory_limit_gb: the ``N x N`` matrix is stored (so only half of it is computed, by
+            symmetry) when it fits in this much memory.
+        info: if given, filled with the back end, the strategy, the candidate count, the
+            float32 error bound, the rows that needed the fallback and timings in seconds.
+
+    Returns:
+        ``(dist, ind)``, both ``[N, k + 1]``: float64 Euclidean distances and int64 indices,
+        column 0 being the point itself at distance 0.
+
+    Raises:
+        ValueError: if ``X`` is not a finite non-empty 2-d array or ``k`` is out of range.
+    """
+    t_start = time.perf_counter()
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty 2-d array, got shape {X.shape}")
+    N, D = X.shape
+    k = int(k)
+    if not 1 <= k <= N - 1:
+        raise ValueError(f"k must be between 1 and N - 1 = {N - 1}, got {k}")
+    if strategy not in ("auto", "float32", "float64"):
+        raise ValueError(f"strategy must be auto, float32 or float64; got {strategy!r}")
+    X64 = np.asarray(X, dtype=np.float64)
+    if not np.isfinite(X64).all():
+        raise ValueError("X contains NaN or infinite values")
+    timings: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    groups = duplicate_groups(X64)
+    # Translation leaves distances unchanged and keeps |x|^2 + |y|^2 - 2 x.y well conditioned;
+    # a float32 shift keeps x - shift exact for float32-valued data.
+    shift = X64.mean(axis=0).astype(np.float32).astype(np.float64)
+    Xc = np.ascontiguousarray(X64 - shift)
+    sq64 = np.einsum("ij,ij->i", Xc, Xc)
+    timings["prepare"] = time.perf_counter() - t0
+
+    if margin is None:
+        margin = max(32, k // 20)
+    n_cand = min(N, k + 1 + int(margin))
+    backend = _make_backend(device)
+    fits = memory_limit_gb * 2**30 >= N * N * 8
+    dist_sq = np.empty((N, k + 1), dtype=np.float64)
+    ind = np.empty((N, k + 1), dtype=np.int64)
+    with backend.limit_threads(threads):
+        X32: np.ndarray | None = None
+        if strategy == "auto":
+            t0 = time.perf_counter()
+            if 2 * n_cand >= N or backend.float64_speed_ratio <= 1.0:
+                strategy = "float64"
+            else:
+                X32 = Xc.astype(np.float32)
+                union = _pilot_union_fraction(backend, X32, sq64.astype(np.float32), n_cand)
+                # float32 pass + re-ranking of ~union*N columns per row (gathers cost about a
+                # quarter more) against one float64 pass; a pass is halved by symmetry when its
+                # matrix is stored (in units of a symmetric float64 pass)
+                fits32 = memory_limit_gb * 2**30 >= N * N * 4
+                halves = backend.symmetric
+                cost32 = (1.0 if fits32 and halves else 2.0) / backend.float64_speed_ratio
+                cost32 += 2.0 * union / 0.75
+                cost64 = 1.0 if fits and halves else 2.0
+                strategy = "float32" if cost32 < cost64 else "float64"
+                extra["pilot_union_fraction"] = union
+            timings["choose_strategy"] = time.perf_counter() - t0
+        extra["strategy"] = strategy
+        if strategy == "float64":
+            t0 = time.perf_counter()
+            _search_float64(
+                backend, Xc, sq64, groups, k, block_rows, fits and backend.symmetric, dist_sq, ind
+            )
+            timings["search_float64"] = time.perf_counter() - t0
+        else:
+            if X32 is None:
+                X32 = Xc.astype(np.float32)
+            _search_float32(
+                backend,
+                Xc,
+                X32,
+                sq64,
+                groups,
+                k,
+                n_cand,
+                block_rows,
+                memory_limit_gb * 2**30 >= N * N * 4,
+                dist_sq,
+                ind,
+                timings,
+                extra,
+            )
+
+    dist = np.sqrt(dist_sq, out=dist_sq)
+    if info is not None:
+        timings["total"] = time.perf_counter() - t_start
+        info.update(backend=backend.name, seconds=timings, **extra)
+    return dist, ind
+
+
+def _pilot_union_fraction(
+    backend: _Backend, X32: np.ndarray, sq32: np.ndarray, n_cand: int
+) -> float:
+    """Fraction of all points needed to re-rank a block of nearby rows: the union of the
+    float32 candidate sets of the rows nearest to a few random points, averaged."""
+    N = X32.shape[0]
+    rng = np.random.default_rng(0)
+    fractions = []
+    for seed_row in rng.choice(N, size=min(3, N), replace=False):
+        keys = sq32 - 2.0 * (X32 @ X32[seed_row])
+        block = np.argpartition(keys, min(_RERANK_ROWS, N - 1))[:_RERANK_ROWS]
+        g = backend.gram(X32, block, None)
+        g *= -2.0
+        g += sq32[None, :]
+        part = np.argpartition(g, n_cand - 1, axis=1)[:, :n_cand]
+        fractions.append(np.unique(part).size / N)
+    return float(np.mean(fractions))
+
+
+def _finish_rows(
+    exact: np.ndarray,
+    cols: np.ndarray,
+    rows: np.ndarray,
+    groups: np.ndarray,
+    has_duplicates: bool,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Order exact squared distances of some rows: the point itself first, its duplicates at 0,
+    then by (distance, index). ``cols`` and ``rows`` are original indices."""
+    np.maximum(exact, 0.0, out=exact)
+    if has_duplicates:
+        exact[groups[cols] == groups[rows, None]] = 0.0
+    exact[cols == rows[:, None]] = -1.0
+    pick = _order_rows(exact, cols, k + 1)
+    sel = np.take_along_axis(exact, pick, axis=1)
+    sel[:, 0] = 0.0
+    return sel, np.take_along_axis(cols, pick, axis=1)
+
+
+def _search_float64(
+    backend: _Backend,
+    Xc: np.ndarray,
+    sq64: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    block_rows: int,
+    symmetric: bool,
+    dist_sq: np.ndarray,
+    ind: np.ndarray,
+) -> None:
+    """One exhaustive float64 pass (symmetric when the matrix fits), then exact ordering."""
+    N = Xc.shape[0]
+    has_duplicates = bool((groups != np.arange(N)).any())
+    keep = min(N, k + 1)
+    cand, ckey, nxt = backend.smallest(Xc, sq64, keep, block_rows, symmetric)
+    exact = sq64[:, None] + ckey
+    sel, nb = _finish_rows(exact, cand, np.arange(N), groups, has_duplicates, k)
+    dist_sq[:] = sel
+    ind[:] = nb
+    # a left-out point whose distance equals the k-th one may have the lower index: redo those
+    tie = np.flatnonzero(sq64 + nxt <= sel[:, -1])
+    if tie.size:
+        _exhaustive_rows(backend, Xc, tie, sq64, groups, k, dist_sq, ind, block_rows)
+
+
+def _search_float32(
+    backend: _Backend,
+    Xc: np.ndarray,
+    X32: np.ndarray,
+    sq64: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    n_cand: int,
+    block_rows: int,
+    symmetric: bool,
+    dist_sq: np.ndarray,
+    ind: np.ndarray,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> None:
+    """Float32 candidates, float64 re-ranking by blocks of nearby rows, certification."""
+    N, D = Xc.shape
+    has_duplicates = bool((groups != np.arange(N)).any())
+    t0 = time.perf_counter()
+    cand, ckey, nxt = backend.smallest(X32, sq64.astype(np.float32), n_cand, block_rows, symmetric)
+    timings["candidates_float32"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    order = _locality_order(cand, ckey)
+    timings["ordering"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    eps_seen = 0.0
+    kth = np.empty(N, dtype=np.float64)
+    marker = np.zeros(N, dtype=bool)
+    slot = np.zeros(N, dtype=np.int64)
+    pairs = 0
+    for b0 in range(0, N, _RERANK_ROWS):
+        rows = order[b0 : b0 + _RERANK_ROWS]
+        rc = cand[rows]
+        marker[rc.ravel()] = True
+        union = np.flatnonzero(marker)
+        marker[union] = False
+        slot[union] = np.arange(union.size)
+        pairs += rows.size * union.size
+        dots = np.take_along_axis(backend.gram(Xc, rows, union), slot[rc], axis=1)
+        exact = sq64[rows, None] + sq64[rc] - 2.0 * dots
+        # the float32 error on these pairs, relative to the scale (|x|^2 + |y|^2) / 2
+        scale = 0.5 * (sq64[rows, None] + sq64[rc])
+        err = np.abs(sq64[rows, None] + ckey[rows] - exact)
+        err[rc == rows[:, None]] = 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(scale > 0, err / scale, 0.0)
+        eps_seen = max(eps_seen, float(rel.max()))
+        sel, nb = _finish_rows(exact, rc, rows, groups, has_duplicates, k)
+        dist_sq[rows] = sel
+        ind[rows] = nb
+        kth[rows] = sel[:, -1]
+    timings["rerank_float64"] = time.perf_counter() - t0
+
+    # Accept a row when no left-out point can come as close as its k-th neighbour: every
+    # left-out point has a float32 key >= nxt, hence d^2 >= |x_i|^2 + nxt - E_i.
+    t0 = time.perf_counter()
+    eps_bound = max(_ERROR_SAFETY * eps_seen, math.sqrt(D) * _U32)
+    lowest = sq64 + nxt.astype(np.float64) - eps_bound * 0.5 * (sq64 + sq64.max())
+    failed = np.flatnonzero(~(kth < lowest))
+    if failed.size:
+        _exhaustive_rows(backend, Xc, failed, sq64, groups, k, dist_sq, ind, block_rows)
+    timings["fallback_float64"] = time.perf_counter() - t0
+    extra.update(
+        n_candidates=int(n_cand),
+        error_bound=float(eps_bound),
+        n_fallback_rows=int(failed.size),
+        rerank_pairs_per_candidate=pairs / float(N * n_cand),
+    )
+
+
+def _exhaustive_rows(
+    backend: _Backend,
+    Xc: np.ndarray,
+    rows_all: np.ndarray,
+    sq64: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    dist_sq: np.ndarray,
+    ind: np.ndarray,
+    block_rows: int,
+) -> None:
+    """Plain float64 search of some rows against all points, with exact ties by index."""
+    N = sq64.shape[0]
+    has_duplicates = bool((groups != np.arange(N)).any())
+    step = max(1, min(block_rows, (256 * 2**20) // (8 * N)))
+    for s in range(0, rows_all.size, step):
+        rows = rows_all[s : s + step]
+        exact = sq64[rows, None] + sq64[None, :] - 2.0 * backend.gram(Xc, rows, None)
+        sel, nb = _finish_rows(
+            exact, np.broadcast_to(np.arange(N), exact.shape), rows, groups, has_duplicates, k
+        )
+        dist_sq[rows] = sel
+        ind[rows] = nb
