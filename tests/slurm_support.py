@@ -158,8 +158,11 @@ class SlurmCluster:
             time.sleep(0.2)
 
     def release(self, job_id: str | int) -> None:
-        """Start a held/requeued job now (Slurm holds a requeued job about 120 s)."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        """Start a held/requeued job now (Slurm holds a requeued job about 120 s). A job that
+        started meanwhile needs no release."""
+        proc = self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        if proc.returncode != 0 and "no longer pending" not in proc.stderr:
+            raise AssertionError(f"cannot release job {job_id}: {proc.stderr.strip()}")
 
     def log_tail(self, daemon: str = "slurmctld", lines: int = 40) -> str:
         path = self.state_dir / "log" / f"{daemon}.log"

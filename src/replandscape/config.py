@@ -180,6 +180,7 @@ class ClusterConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
+    nodes: int | None = None  # nodes in the partition (None: not checked)
     gpus_per_node: int = 0
     cpus_per_node: int = 2
     mem_gb_per_node: int = 16

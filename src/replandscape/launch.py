@@ -39,8 +39,12 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self, stage: str, config_file: str, overrides: Sequence[str]) -> str:
         from replandscape.pipeline import run_stage
 
-        cfg = load_config(config_file, list(overrides))
-        run_stage(stage, cfg)
+        try:
+            cfg = load_config(config_file, list(overrides))
+            run_stage(stage, cfg)
+        except UserError as exc:  # the one line that `replandscape status` shows
+            print(f"replandscape: error: {exc}", file=sys.stderr, flush=True)
+            raise
         return str(cfg.output_dir)
 
 
@@ -225,7 +229,10 @@ def last_error_line(log: Path) -> str:
         return f"(no log at {log})"
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if ln.startswith("replandscape: error:") or "Error:" in ln or "Error" in ln.split(":")[0]:
+        if ln.startswith("replandscape: error:"):
+            return ln
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
             return ln
     return lines[-1] if lines else "(empty log)"
 

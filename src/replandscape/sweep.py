@@ -194,6 +194,10 @@ def check_resources(job: JobSpec, cfg: ExperimentConfig, where: str) -> None:
         raise UserError(f"job {job.key} needs {job.gpus_per_node} GPUs per node, the profile has "
                         f"{c.gpus_per_node}", file=where, key="cluster.gpus_per_node",
                         fix="use a cluster profile with more GPUs per node or lower model.gpus")
+    if c.nodes is not None and job.nodes > c.nodes:
+        raise UserError(f"job {job.key} needs {job.nodes} nodes, the partition has {c.nodes}",
+                        file=where, key="cluster.nodes",
+                        fix="lower model.gpus or analysis.ranks, or use a larger partition")
     cpus = job.tasks_per_node * job.cpus_per_task
     if cpus > c.cpus_per_node:
         raise UserError(f"job {job.key} needs {cpus} CPUs per node, the profile has "
