@@ -148,6 +148,35 @@ def test_two_zero3_ranks_equal_a_single_process(tmp_path: Path) -> None:
         assert af.attrs["zero_stage"] == 3  # the model was partitioned, not replicated
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_mpiexec_ranks_write_one_file_through_mpi_io(tmp_path: Path) -> None:
+    import h5py
+
+    if not h5py.get_config().mpi:
+        pytest.skip("h5py was built without MPI")
+    cfg_path = tiny_config(tmp_path, prompts={"shots": [1]})
+    single = cli("run", "extract", str(cfg_path), f"run.output_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr
+    cmd = ["mpiexec", "-n", "2", "--oversubscribe", "--bind-to", "none", PYTHON, "-m",
+           "replandscape.cli.main", "run", "extract", str(cfg_path),
+           f"run.output_dir={tmp_path / 'mpi'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "mpi" / "activations" / "shots1.h5"
+    with open_activations(final) as af:
+        assert af.attrs["writer"] == "mpio" and af.attrs["world_size"] == 2
+        assert af.attrs["zero_stage"] == 3
+    assert not (tmp_path / "mpi" / "activations" / "shots1.parts").exists()
+    a = _site_arrays(tmp_path / "one" / "activations" / "shots1.h5")
+    b = _site_arrays(final)
+    for name in a:
+        if name == "prompt":
+            assert list(a[name]) == list(b[name])
+        else:
+            np.testing.assert_allclose(a[name], b[name], atol=2e-5, rtol=1e-4, err_msg=name)
+
+
 def test_prompts_do_not_depend_on_ranks_and_are_stored(tmp_path: Path) -> None:
     cfg = load_config(tiny_config(tmp_path, prompts={"shots": [2]}))
     records = prepare_records(cfg, 2)

@@ -107,9 +107,14 @@ def test_small_sweep_runs_end_to_end_as_real_jobs(slurm_cluster: object, tmp_pat
     assert (root / "figures" / "report.md").is_file()
     status = cli("status", str(root))
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6
-    # submitting again skips every complete output
+    # the array tasks left the experiment's own config beside its outputs
+    exp = load_sweep(sweep_file, SLURM).experiments[0].cfg
+    assert (root / "t" / "config.sha256").read_text().strip() == exp.hash
+    # submitting again skips every complete output and queues nothing
     again = cli("submit", str(sweep_file), *SLURM, "--dry-run")
     assert again.stdout.count("complete: skipped") == 4
+    resubmit = cli("submit", str(sweep_file), *SLURM)
+    assert resubmit.returncode == 0 and "submitted 1 job(s)" in resubmit.stdout  # figures only
 
 
 @pytest.mark.slurm

@@ -113,6 +113,9 @@ class ExtractConfig:
     zero_stage: Literal[0, 3] = 3
     padding_side: Literal["left", "right"] = "left"
     checkpoints: Literal["final", "all"] = "final"
+    # mpio: one shared file through MPI-IO (h5py with MPI, ranks launched by srun/mpiexec);
+    # shards: one file per rank joined by virtual datasets; auto: mpio when it can, else shards
+    writer: Literal["auto", "mpio", "shards"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -592,8 +595,8 @@ def save_resolved(cfg: ExperimentConfig, folder: str | os.PathLike[str]) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     text = f"# resolved config, sha256 {cfg.hash}\n# source: {cfg.source_file}\n" + cfg.to_yaml()
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    (folder / "config.sha256").write_text(cfg.hash + "\n")
+    for name, content in (("config.yaml", text), ("config.sha256", cfg.hash + "\n")):
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, folder / name)
     return path

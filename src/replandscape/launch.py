@@ -17,7 +17,7 @@ from typing import Any
 
 import submitit
 
-from replandscape.config import config_root, load_config
+from replandscape.config import config_root, load_config, save_resolved
 from replandscape.errors import UserError
 from replandscape.sweep import (
     JobSpec,
@@ -146,6 +146,8 @@ def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
     check_outputs_free(sweep)
     sweep.output_root.mkdir(parents=True, exist_ok=True)
     folder = sweep.output_root / "slurm-logs"
+    for exp in sweep.experiments:  # the experiment's own config, not an array task's
+        save_resolved(exp.cfg, exp.cfg.output_dir)
     record = submit_plan(sweep, jobs, folder)
     path = sweep_record_path(sweep.output_root, sweep.name)
     path.write_text(json.dumps(record, indent=1))

@@ -194,9 +194,8 @@ class ShardWriter:
         self.fh["done"][local] = True
         self.fh.flush()
 
-    def close(self, complete: bool) -> None:
-        if complete:
-            self.fh.attrs["complete"] = bool(self.done_mask().all())
+    def close(self) -> None:
+        self.fh.attrs["complete"] = bool(self.done_mask().all())
         self.fh.close()
 
 
@@ -226,7 +225,14 @@ class MpioWriter:
         exists = comm.bcast(self.path.exists() if comm.rank == 0 else None, root=0)
         fh = None
         if exists:
-            fh = h5py.File(self.path, "r+", driver="mpio", comm=comm)
+            try:
+                fh = h5py.File(self.path, "r+", driver="mpio", comm=comm)
+            except OSError:  # damaged by a hard kill mid-flush: start this file again
+                comm.Barrier()
+                if comm.rank == 0:
+                    self.path.unlink()
+                comm.Barrier()
+        if fh is not None:
             same = (fh.attrs.get("stage_hash") == stage_hash and int(fh.attrs["n_rows"]) == n_rows
                     and all(s.name in fh["sites"] for s in sites))
             if not same:
@@ -234,7 +240,7 @@ class MpioWriter:
                 raise UserError("a partial extraction with a different config is here",
                                 file=str(self.path),
                                 fix="use another run.output_dir or delete the file")
-        else:
+        if fh is None:
             fh = h5py.File(self.path, "w", driver="mpio", comm=comm)
             fh.attrs.update(kind=SHARD_KIND, schema_version=SCHEMA_VERSION, stage_hash=stage_hash,
                             n_rows=n_rows, world_size=comm.size, complete=False)
@@ -254,14 +260,17 @@ class MpioWriter:
 
     def write(self, rows: np.ndarray, site_values: Mapping[str, np.ndarray],
               row_values: Mapping[str, np.ndarray]) -> None:
+        """Write this rank's batch (possibly empty) and flush; collective: every rank calls it
+        the same number of times."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
-        rows = rows[order]
-        for name, values in site_values.items():
-            self.fh["sites"][name][rows] = values[order]
-        for name, values in row_values.items():
-            self.fh["rows"][name][rows] = np.asarray(values)[order]
-        self.fh["done"][rows] = 1
+        if len(rows):
+            order = np.argsort(rows)
+            rows = rows[order]
+            for name, values in site_values.items():
+                self.fh["sites"][name][rows] = values[order]
+            for name, values in row_values.items():
+                self.fh["rows"][name][rows] = np.asarray(values)[order]
+            self.fh["done"][rows] = 1
         self.fh.flush()
 
     def close(self) -> None:
@@ -342,7 +351,7 @@ def finalize_shards(final_path: Path, world: int, sites: Sequence[SiteSpec],
                                                             shape=(stop - start, s.dim))
             ds = grp.create_virtual_dataset(s.name, layout, fillvalue=0)
             ds.attrs["dtype"] = s.dtype
-        _write_rows_and_header(fh, {**header, "writer": "shards", "world_size": world,
+        _write_rows_and_header(fh, {**header, "writer": "shards",
                                     "shards": json.dumps([[os.path.relpath(p, final_path.parent),
                                                            a, b] for p, a, b in blocks])},
                                subjects, prompts, numeric)

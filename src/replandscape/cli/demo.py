@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from replandscape.config import config_root, load_config
+from replandscape.config import config_root, load_config, save_resolved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         from replandscape.launch import submit_experiment
 
         return submit_experiment(config_file, overrides, wait=True)
+    save_resolved(cfg, cfg.output_dir)
     t0 = time.perf_counter()
     timings = {}
     for stage in ("extract", "finetune", "extract-ft", "analyze", "figures"):

@@ -57,6 +57,8 @@ def _quiet_library_warnings() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # numpy notices that float32 denormals are flushed to zero (extraction on CPU asks for it)
+    warnings.filterwarnings("ignore", message=".*smallest subnormal.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from replandscape.cli.common import add_config_args, load_from_args
+from replandscape.config import save_resolved
+from replandscape.dist import torchdist
 from replandscape.pipeline import STAGE_HELP, STAGES, run_stage
 
 
@@ -24,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_from_args(args)
+    if torchdist.rank_info().is_main:
+        save_resolved(cfg, cfg.output_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "extract-ft" and not cfg.finetune.enabled:

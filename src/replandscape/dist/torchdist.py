@@ -42,6 +42,9 @@ def rank_info() -> RankInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "OMPI_COMM_WORLD_RANK" in env:  # mpiexec/mpirun of Open MPI
+        return RankInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                        int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                         int(env.get("SLURM_LOCALID", 0)))
@@ -53,6 +56,14 @@ def export_rendezvous(info: RankInfo) -> None:
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if "OMPI_COMM_WORLD_SIZE" in os.environ and "SLURM_JOB_ID" not in os.environ:
+        # under mpiexec: rank 0 picks the address and port, MPI tells the others
+        from mpi4py import MPI
+
+        mine = (socket.gethostname(), _free_port()) if info.rank == 0 else None
+        host, port = MPI.COMM_WORLD.bcast(mine, root=0)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1" if host == socket.gethostname() else host)
+        os.environ.setdefault("MASTER_PORT", str(port))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _first_slurm_host() or "127.0.0.1"
     if "MASTER_PORT" not in os.environ:

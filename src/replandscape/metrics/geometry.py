@@ -228,7 +228,7 @@ def _dendrogram(
     names: Sequence[str] | None,
     params: GeometryParams,
 ) -> dict[str, Any]:
-    """Weighted-linkage dendrogram of the large density peaks (d'Errico et al. 2021, fig. 5).
+    """Weighted-linkage dendrogram of the large density peaks (d'Errico et al. 2021).
 
     The dissimilarity of two peaks is the highest peak log-density minus the log-density of
     their saddle point.

@@ -8,10 +8,10 @@ mean-shifted data (``|x|^2 + |y|^2 - 2 x.y``, well conditioned once the mean is 
 ``"float32"``: candidates, then exact re-ranking.
     1. Float32 products (only half of them when the ``N x N`` matrix fits in memory, by the
        symmetry of distances) give each row its ``k + 1 + margin`` smallest squared distances.
-    2. The rows are put in an order where neighbours follow each other (a depth-first walk of
-       the candidate graph); for each block of consecutive rows the union of their candidates is
-       gathered and their squared distances are recomputed by a float64 product; each row is
-       then sorted by (distance, index).
+    2. The rows are grouped into blocks of nearby rows (a row and its nearest not yet grouped
+       candidates); for each block the union of the candidates is gathered and the squared
+       distances are recomputed by one float64 product; each row is then sorted by
+       (distance, index).
     3. A row is accepted only when its exact ``k``-th distance lies below the smallest distance
        that any left-out point can have, given a bound on the float32 error (four times the
        largest error seen on all candidate pairs, never less than ``sqrt(D)`` float32
@@ -47,7 +47,6 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from scipy.sparse import coo_matrix
 from threadpoolctl import threadpool_limits
 
 Device = Literal["cpu", "torch", "cuda", "auto"]
@@ -56,8 +55,28 @@ Strategy = Literal["auto", "float32", "float64"]
 _U32 = float(np.finfo(np.float32).eps) / 2.0  # unit roundoff of float32
 _ERROR_SAFETY = 4.0  # the bound is this many times the largest float32 error observed
 _RERANK_ROWS = 128  # rows re-ranked together in float64 (their candidate union is gathered)
-_ORDER_NEIGHBOURS = 8  # edges per row of the graph whose depth-first walk orders the rows
 _HASH_COLUMNS = 256
+
+# Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
+# per GB in some virtual machines (and a few tenths on bare metal), and an analysis calls the
+# engine once per layer with the same N. release_workspace() hands the memory back.
+_WORKSPACE: dict[str, np.ndarray] = {}
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = _WORKSPACE.get(name)
+    if buf is None or buf.size < nbytes:
+        _WORKSPACE.pop(name, None)  # free the old one before allocating the new one
+        buf = np.empty(nbytes, dtype=np.uint8)
+        _WORKSPACE[name] = buf
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def release_workspace() -> None:
+    """Free the scratch memory that :func:`exact_knn` keeps between calls."""
+    _WORKSPACE.clear()
+
 
 # --------------------------------------------------------------------------------------------
 # duplicates
@@ -76,13 +95,13 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
     when there are no duplicates. Rows are first bucketed by an exact integer hash of the bit
     patterns of a few columns; only buckets with more than one row are compared in full.
     """
-    X = np.asarray(X, dtype=np.float64)
+    X = np.asarray(X)
     N, D = X.shape
     labels = np.arange(N, dtype=np.int64)
     if N < 2:
         return labels
     cols = np.unique(np.linspace(0, D - 1, min(D, _HASH_COLUMNS)).astype(np.int64))
-    bits = (X[:, cols] + 0.0).view(np.uint64)
+    bits = (X[:, cols].astype(np.float64) + 0.0).view(np.uint64)
     weights = np.random.default_rng(20240917).integers(1, 2**63, size=cols.size, dtype=np.uint64)
     with np.errstate(over="ignore"):
         hashes = (bits * (weights | np.uint64(1))).sum(axis=1, dtype=np.uint64)
@@ -195,42 +214,39 @@ def _select_smallest(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndar
     return cand, cvals, nxt
 
 
-def _locality_order(cand: np.ndarray, ckey: np.ndarray) -> np.ndarray:
-    """Order the rows so that consecutive rows share candidates.
+def _neighbourhood_blocks(cand: np.ndarray, ckey: np.ndarray, size: int) -> list[np.ndarray]:
+    """Group the rows into blocks of nearby rows, whose candidate sets overlap most.
 
-    A depth-first walk of the graph joining each row to its few nearest candidates visits
-    neighbours one after the other (like a space-filling curve), so in the reordered distance
-    matrix the candidate pairs fill few tiles.
+    Greedy cover: a row not yet placed opens a block with itself and its nearest unplaced
+    candidates (up to ``size`` rows, all within a small ball), so the union of the block's
+    candidates stays close to one neighbourhood. Small leftover blocks are merged, which costs
+    nothing in products and saves calls.
     """
-    N, width = cand.shape
-    m = min(_ORDER_NEIGHBOURS + 1, width)
-    near = (
-        np.argpartition(ckey, m - 1, axis=1)[:, :m]
-        if m < width
-        else np.broadcast_to(np.arange(width), (N, width))
-    )
-    heads = np.repeat(np.arange(N), m)
-    tails = np.take_along_axis(cand, near, axis=1).ravel()
-    graph = coo_matrix((np.ones(heads.size, dtype=np.int8), (heads, tails)), shape=(N, N)).tocsr()
-    graph = (graph + graph.T).tocsr()
-    indptr, indices = graph.indptr, graph.indices
-    seen = np.zeros(N, dtype=bool)
-    order = np.empty(N, dtype=np.int64)
-    filled = 0
-    for start in range(N):
-        if seen[start]:
+    N = cand.shape[0]
+    placed = np.zeros(N, dtype=bool)
+    blocks: list[np.ndarray] = []
+    for seed in range(N):
+        if placed[seed]:
             continue
-        stack = [start]
-        while stack:
-            node = stack.pop()
-            if seen[node]:
-                continue
-            seen[node] = True
-            order[filled] = node
-            filled += 1
-            nbrs = indices[indptr[node] : indptr[node + 1]]
-            stack.extend(nbrs[~seen[nbrs]].tolist())
-    return order
+        nearest = cand[seed][np.argsort(ckey[seed], kind="stable")]
+        members = nearest[~placed[nearest]][:size]
+        placed[members] = True
+        blocks.append(members)
+    merged: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for block in blocks:
+        if block.size >= size // 2:
+            merged.append(block)
+            continue
+        pending.append(block)
+        n_pending += block.size
+        if n_pending >= size // 2:
+            merged.append(np.concatenate(pending))
+            pending, n_pending = [], 0
+    if pending:
+        merged.append(np.concatenate(pending))
+    return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,15 +315,15 @@ class _NumpyBackend:
         nxt = np.full(N, np.inf, dtype=X.dtype)
         starts = list(range(0, N, block_rows))
         full: np.ndarray | None = None
-        minus2 = X * -2.0  # exact: a power of two, so (-2x).y == -2 (x.y) bit for bit
         if symmetric:
             # each product block fills two blocks of rows of the stored matrix
-            full = np.empty((N, N), dtype=X.dtype)
+            full = _workspace("matrix", (N, N), X.dtype.type)
             for a, i0 in enumerate(starts):
                 i1 = min(i0 + block_rows, N)
                 for j0 in starts[a:]:
                     j1 = min(j0 + block_rows, N)
-                    g = X[i0:i1] @ minus2[j0:j1].T
+                    g = X[i0:i1] @ X[j0:j1].T
+                    g *= -2.0  # exact (a power of two)
                     np.add(g, sq[None, j0:j1], out=full[i0:i1, j0:j1])
                     if j0 != i0:
                         _add_transposed(g, sq[i0:i1], full[j0:j1, i0:i1])
@@ -316,7 +332,8 @@ class _NumpyBackend:
             if full is not None:
                 keys = full[i0:i1]
             else:
-                keys = X[i0:i1] @ minus2.T
+                keys = X[i0:i1] @ X.T
+                keys *= -2.0
                 keys += sq[None, :]
             if n_keep < N:
                 cand[i0:i1], ckey[i0:i1], nxt[i0:i1] = _take_smallest(keys, i0, n_keep)
@@ -435,6 +452,7 @@ def exact_knn(
     strategy: Strategy = "auto",
     margin: int | None = None,
     memory_limit_gb: float = 2.0,
+    keep_workspace: bool = True,
     info: MutableMapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row of ``X``, as an exact float64 search finds them.
@@ -453,6 +471,10 @@ def exact_knn(
             a larger margin only makes the exhaustive fallback rarer.
         memory_limit_gb: the ``N x N`` matrix is stored (so only half of it is computed, by
             symmetry) when it fits in this much memory.
+        keep_workspace: keep the large scratch arrays (the stored matrix, the shifted points)
+            for the next call, which skips the cost of first-touching fresh memory; at most
+            ``memory_limit_gb`` plus ``12 N D`` bytes stay allocated until
+            :func:`release_workspace`. The engine is therefore not re-entrant across threads.
         info: if given, filled with the back end, the strategy, the candidate count, the
             float32 error bound, the rows that needed the fallback and timings in seconds.
 
@@ -473,19 +495,23 @@ def exact_knn(
         raise ValueError(f"k must be between 1 and N - 1 = {N - 1}, got {k}")
     if strategy not in ("auto", "float32", "float64"):
         raise ValueError(f"strategy must be auto, float32 or float64; got {strategy!r}")
-    X64 = np.asarray(X, dtype=np.float64)
-    if not np.isfinite(X64).all():
-        raise ValueError("X contains NaN or infinite values")
+    if not np.issubdtype(X.dtype, np.number):
+        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
     timings: dict[str, float] = {}
     extra: dict[str, Any] = {}
 
     t0 = time.perf_counter()
-    groups = duplicate_groups(X64)
     # Translation leaves distances unchanged and keeps |x|^2 + |y|^2 - 2 x.y well conditioned;
     # a float32 shift keeps x - shift exact for float32-valued data.
-    shift = X64.mean(axis=0).astype(np.float32).astype(np.float64)
-    Xc = np.ascontiguousarray(X64 - shift)
+    shift = X.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
+    Xc = _workspace("points", (N, D), np.float64)
+    np.subtract(X, shift, out=Xc, casting="unsafe")
     sq64 = np.einsum("ij,ij->i", Xc, Xc)
+    if not np.isfinite(sq64).all():
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values")
+        raise ValueError("X has values too large to square in float64")
+    groups = duplicate_groups(X)
     timings["prepare"] = time.perf_counter() - t0
 
     if margin is None:
@@ -502,7 +528,8 @@ def exact_knn(
             if 2 * n_cand >= N or backend.float64_speed_ratio <= 1.0:
                 strategy = "float64"
             else:
-                X32 = Xc.astype(np.float32)
+                X32 = _workspace("points32", (N, D), np.float32)
+                X32[...] = Xc
                 union = _pilot_union_fraction(backend, X32, sq64.astype(np.float32), n_cand)
                 # float32 pass + re-ranking of ~union*N columns per row (gathers cost about a
                 # quarter more) against one float64 pass; a pass is halved by symmetry when its
@@ -524,7 +551,8 @@ def exact_knn(
             timings["search_float64"] = time.perf_counter() - t0
         else:
             if X32 is None:
-                X32 = Xc.astype(np.float32)
+                X32 = _workspace("points32", (N, D), np.float32)
+                X32[...] = Xc
             _search_float32(
                 backend,
                 Xc,
@@ -541,6 +569,8 @@ def exact_knn(
                 extra,
             )
 
+    if not keep_workspace:
+        release_workspace()
     dist = np.sqrt(dist_sq, out=dist_sq)
     if info is not None:
         timings["total"] = time.perf_counter() - t_start
@@ -636,8 +666,8 @@ def _search_float32(
     timings["candidates_float32"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    order = _locality_order(cand, ckey)
-    timings["ordering"] = time.perf_counter() - t0
+    blocks = _neighbourhood_blocks(cand, ckey, _RERANK_ROWS)
+    timings["grouping"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     eps_seen = 0.0
@@ -645,8 +675,7 @@ def _search_float32(
     marker = np.zeros(N, dtype=bool)
     slot = np.zeros(N, dtype=np.int64)
     pairs = 0
-    for b0 in range(0, N, _RERANK_ROWS):
-        rows = order[b0 : b0 + _RERANK_ROWS]
+    for rows in blocks:
         rc = cand[rows]
         marker[rc.ravel()] = True
         union = np.flatnonzero(marker)

@@ -28,16 +28,19 @@ from typing import Any
 import numpy as np
 
 from replandscape import __version__
-from replandscape.config import ExperimentConfig, save_resolved
+from replandscape.config import ExperimentConfig
 from replandscape.data import load_split, select_eval_questions, shots_by_subject
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
 from replandscape.prompts import LETTERS, PromptRecord, answer_suffix, build_prompts
 from replandscape.storage import (
+    MpioWriter,
     ShardWriter,
     SiteSpec,
     encode_rows,
+    finalize_mpio,
     finalize_shards,
+    mpio_available,
     open_activations,
     split_rows,
 )
@@ -383,6 +386,23 @@ def prepare_records(cfg: ExperimentConfig, shots: int) -> list[PromptRecord]:
     return build_prompts(questions, pool, shots, cfg.prompts.seed)
 
 
+def mpio_comm(cfg: ExperimentConfig, info: torchdist.RankInfo) -> Any:
+    """The MPI communicator to write through MPI-IO, or None for per-rank shards."""
+    choice = cfg.extract.writer
+    if choice == "shards":
+        return None
+    from replandscape.dist import mpi
+
+    usable = mpio_available() and mpi.launched_by_mpi()
+    comm = mpi.world() if usable else None
+    if comm is not None and comm.size != info.world_size:
+        comm = None  # the MPI world is not the torch world (e.g. ranks from another launcher)
+    if comm is None and choice == "mpio":
+        raise UserError("MPI-IO needs h5py built with MPI and ranks launched by srun/mpiexec",
+                        key="extract.writer", fix="use extract.writer=auto or shards")
+    return comm
+
+
 def existing_output(cfg: ExperimentConfig, condition: Condition) -> Path | None:
     """The finished file of a condition, if any; one holding another config is refused."""
     final = cfg.output_dir / "activations" / f"{condition.name}.h5"
@@ -420,13 +440,23 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     hidden = loaded.model.config.hidden_size
     specs = [SiteSpec(n, head_dim if n == "logits" else hidden, store) for n in capture.names]
     start, stop = split_rows(lengths.tolist(), info.world_size)[info.rank]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(final, info.rank, info.world_size, start, stop, specs, s_hash)
-    done = writer.done_mask()
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torchdist.barrier()
+    comm = mpio_comm(cfg, info)
+    writer: ShardWriter | MpioWriter
+    if comm is not None:
+        writer = MpioWriter(final, comm, len(records), specs, s_hash)
+        done = writer.done_rows(start, stop)
+    else:
+        writer = ShardWriter(final, info.rank, info.world_size, start, stop, specs, s_hash)
+        done = writer.done_mask()
     todo = np.arange(start, stop)[~done]
     batches = plan_batches(todo, lengths, cfg.extract.batch_size, cfg.extract.max_batch_tokens)
     n_batches = len(batches)
-    if loaded.engine is not None:  # ZeRO-3: every rank runs the same number of forwards
+    if loaded.engine is not None or comm is not None:
+        # ZeRO-3 gathers parameters and MPI-IO flushes collectively: every rank runs the
+        # same number of steps
         n_batches = max(torchdist.all_gather_object(len(batches)))
     pad_id = tokenizer.pad_token_id
     letters = torch.as_tensor(letter_ids, device=loaded.device)
@@ -442,6 +472,8 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 out, logits = capture.run(ids.to(loaded.device), mask.to(loaded.device))
                 progress.update(1)
                 if rows is None:
+                    if comm is not None:
+                        writer.write(np.zeros(0, dtype=np.int64), {}, {})  # the collective flush
                     continue
                 predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
                 site_values = {n: encode_rows(out[n].detach().cpu(), store) for n in capture.names}
@@ -454,7 +486,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                           f"({condition.name})", file=sys.stderr, flush=True)
     finally:
         progress.close()
-        writer.close(complete=True)
+        writer.close()
     torchdist.barrier()
     if info.is_main:
         header = {
@@ -469,9 +501,13 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
             "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
             "dtype": loaded.dtype, "store_dtype": store,
             "zero_stage": 3 if loaded.engine is not None else 0,
+            "world_size": info.world_size,
         }
-        finalize_shards(final, info.world_size, specs, header, [r.subject for r in records],
-                        [r.prompt for r in records])
+        subjects, prompts = [r.subject for r in records], [r.prompt for r in records]
+        if comm is not None:
+            finalize_mpio(final, specs, header, subjects, prompts)
+        else:
+            finalize_shards(final, info.world_size, specs, header, subjects, prompts)
     torchdist.barrier()
     return final
 
@@ -498,8 +534,6 @@ def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
     info = torchdist.init_distributed(device)
     conditions = finetuned_conditions(cfg) if finetuned else shot_conditions(cfg)
     result = ExtractResult()
-    if info.is_main:
-        save_resolved(cfg, cfg.output_dir)
     base: LoadedModel | None = None
     t0 = time.perf_counter()
     for cond in conditions:
