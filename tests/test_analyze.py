@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PYTHON, REPO, cli, env, one_line_error, tiny_config
 
+from helpers import PYTHON, REPO, cli, env, one_line_error, tiny_config
 from replandscape.results import read_results
 from replandscape.stages.analyze import balanced_subsample
 

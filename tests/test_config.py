@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, cli, one_line_error, tiny_config
 
+from helpers import REPO, cli, one_line_error, tiny_config
 from replandscape.cli.main import main
 from replandscape.config import (
     ExperimentConfig,

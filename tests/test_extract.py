@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import PYTHON, REPO, TINY_MODEL, cli, env, launch_ranks, one_line_error, tiny_config
 
+from helpers import PYTHON, REPO, TINY_MODEL, cli, env, launch_ranks, one_line_error, tiny_config
 from replandscape.config import ModelConfig, load_config
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
 from replandscape.stages.extract import (

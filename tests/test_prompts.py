@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import cli, one_line_error
 
+from helpers import cli, one_line_error
 from replandscape.config import DataConfig
 from replandscape.data import Question, load_split, shots_by_subject
 from replandscape.errors import UserError

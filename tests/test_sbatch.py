@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+
 from helpers import REPO, cli, one_line_error
 
 REFERENCES = REPO / "tests" / "data" / "sbatch"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, TINY_MODEL, cli, one_line_error, tiny_config
 
+from helpers import REPO, TINY_MODEL, cli, one_line_error, tiny_config
 from replandscape.storage import open_activations
 from replandscape.sweep import load_sweep, plan_sweep, single_experiment
 

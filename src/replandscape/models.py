@@ -154,6 +154,6 @@ def load_causal_lm(path: str, *, revision: str | None = None, dtype: str = "floa
             raise UserError("not a LoRA adapter folder (no adapter_config.json)", file=adapter,
                             key="checkpoint", fix="point at an adapter saved by the finetune stage")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() too narrowly
     model.eval()
     return model

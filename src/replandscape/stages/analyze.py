@@ -216,11 +216,11 @@ def run(cfg: ExperimentConfig) -> Path:
     if comm.rank == 0:
         rows = []
         for task in tasks:
-            row = _read_task(task_dir / f"{task.key}.json", phash)
-            if row is None:
+            found = _read_task(task_dir / f"{task.key}.json", phash)
+            if found is None:
                 raise UserError(f"task {task.key} has no result", file=str(task_dir),
                                 fix="re-run the analysis")
-            rows.append(row)
+            rows.append(found)
         results = Results(analysis_params=params, runs=runs, rows=rows, code_version=__version__)
         write_results(results, results_path)
         print(f"[analyze] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
