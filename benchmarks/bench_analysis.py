@@ -61,6 +61,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="device of the fast engine (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per engine, fastest kept (default 1)"
+    )
     args = parser.parse_args()
 
     import dadapy  # noqa: F401  (imported before timing: it takes seconds, it loads jax)
@@ -70,8 +73,9 @@ def main() -> None:
 
     limits = threadpool_limits(limits=args.threads) if args.threads else None
     pools = ", ".join(f"{p['internal_api']}={p['num_threads']}" for p in threadpool_info())
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; thread pools: {pools}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus (load average {load}); thread pools: {pools}"
     )
     X, labels = planted(args.n, args.d, args.clusters, args.seed)
     print(
@@ -82,17 +86,25 @@ def main() -> None:
     rate64 = matmul_rate(np.float64)
     print(f"matrix-product rate: float32 {rate32:.0f} GFLOP/s, float64 {rate64:.0f} GFLOP/s")
 
+    # Engines alternate over the repeats and each keeps its fastest run, which tames the noise
+    # of a shared machine; results are identical across repeats. The fast engine's first run
+    # also pays for first-touching its scratch memory, which later runs (later layers) reuse.
     results: dict[str, Any] = {}
-    for engine in ("dadapy", "fast"):
-        params = GeometryParams(maxk=args.maxk, engine=engine, device=args.device)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
-        results[engine] = compute_geometry(X, labels, params)
-        wall = time.perf_counter() - t0
-        res = results[engine]
-        print(
-            f"\n[{engine}] total {wall:.2f} s; steps: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in res.seconds.items() if k != "total")
-        )
+    for repeat in range(args.repeats):
+        for engine in ("dadapy", "fast"):
+            params = GeometryParams(maxk=args.maxk, engine=engine, device=args.device)  # type: ignore[arg-type]
+            cpu0 = time.process_time()
+            res = compute_geometry(X, labels, params)
+            cpu = time.process_time() - cpu0
+            print(
+                f"[{engine}, run {repeat + 1}] total {res.seconds['total']:.2f} s "
+                f"(CPU {cpu:.1f} s); steps: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in res.seconds.items() if k != "total")
+            )
+            best = results.get(engine)
+            if best is None or res.seconds["total"] < best.seconds["total"]:
+                results[engine] = res
+    for engine, res in results.items():
         print(
             f"[{engine}] ID twonn {res.id_twonn:.4f}, gride {np.round(res.id_gride, 3).tolist()}, "
             f"peaks {res.n_peaks}, core {res.core_fraction:.3f}, "
@@ -105,7 +117,7 @@ def main() -> None:
     rel = float(np.max(np.abs(ids_fast - ids_slow) / np.abs(ids_slow)))
     speedup_total = slow.seconds["total"] / fast.seconds["total"]
     speedup_nn = slow.seconds["neighbours"] / fast.seconds["neighbours"]
-    print("\n== comparison (same run) ==")
+    print(f"\n== comparison (same run, best of {args.repeats}) ==")
     print(
         f"total:      dadapy {slow.seconds['total']:.2f} s, fast {fast.seconds['total']:.2f} s, speed-up {speedup_total:.2f}x"
     )

@@ -168,9 +168,10 @@ def test_interrupted_job_is_requeued_and_ends_like_an_uninterrupted_one(
     ex = submitit.AutoExecutor(folder=tmp_path / "logs" / "%j", cluster="slurm")
     ex.update_parameters(slurm_partition="local", timeout_min=10, cpus_per_task=1, mem_gb=4)
     job = ex.submit(StageJob(), "extract", str(cfg), ["cluster=local-slurm"])
-    shard = tmp_path / "out" / "activations" / "shots5.parts" / "rank0000.h5"
+    partial = [tmp_path / "out" / "activations" / "shots5.parts" / "rank0000.h5",
+               tmp_path / "out" / "activations" / "shots5.mpio.h5"]  # srun ranks are MPI ranks
     deadline = time.monotonic() + 180
-    while not shard.exists():  # interrupt once it has written rows
+    while not any(p.exists() for p in partial):  # interrupt once it has written rows
         assert time.monotonic() < deadline, "the job never started writing"
         time.sleep(0.5)
     time.sleep(1)
