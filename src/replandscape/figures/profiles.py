@@ -86,7 +86,7 @@ def plot_ari(results: Results, target: str, *, title: str | None = None,
     ncols = min(n, max_cols)
     nrows = math.ceil(n / ncols)
     with context():
-        fig = new_figure(1.3 + 3.6 * ncols, 0.5 + 3.0 * nrows)
+        fig = new_figure(2.6 + 3.6 * ncols, 0.5 + 3.0 * nrows)  # room for the legend
         grid = fig.add_gridspec(nrows, ncols)
         first: Axes | None = None
         for k, model in enumerate(names):
@@ -102,6 +102,6 @@ def plot_ari(results: Results, target: str, *, title: str | None = None,
         if first is not None:  # ARI is read against 0 (chance): keep 0 in view
             lo, hi = first.get_ylim()
             first.set_ylim(min(lo, 0.0), hi)
-        fig.suptitle(title or f"Adjusted Rand index of density peaks with {ARI_TARGETS[target]}")
+        fig.suptitle(title or f"ARI of density peaks with {ARI_TARGETS[target]}")
         _legend(fig, conditions(runs))
     return fig
