@@ -68,6 +68,35 @@ def test_serial_and_mpi_ranks_agree(extracted: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.mpi
+def test_site_split_over_ranks_by_row_blocks_gives_the_same_results(extracted: Path,
+                                                                   tmp_path: Path) -> None:
+    outs = {}
+    for name, extra in (("whole", ()), ("split", ("analysis.split_site_rows=true",))):
+        cfg = _copy(extracted, tmp_path / name)
+        proc = _mpi(2, cfg, *extra) if extra else cli("run", "analyze", str(cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = _rows(tmp_path / name / "out" / "analysis" / "results.json")
+    assert outs["whole"].keys() == outs["split"].keys()
+    for key, row in outs["whole"].items():
+        for metric in ("n_points", "n_peaks", "core_fraction", "ari", "id"):
+            expected = row[metric] if row[metric] in (None, {}) else pytest.approx(row[metric],
+                                                                                 rel=1e-9)
+            assert outs["split"][key][metric] == expected, (key, metric)
+
+
+def test_row_blocks_join_to_the_whole_search() -> None:
+    from replandscape.dist.mpi import row_block
+    from replandscape.metrics.neighbors import exact_knn, exact_knn_rows
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(301, 17))
+    dist, ind = exact_knn(x, 25)
+    parts = [exact_knn_rows(x, row_block(301, r, 3), 25) for r in range(3)]
+    assert np.array_equal(np.concatenate([p[1] for p in parts]), ind)
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts]), dist, rtol=1e-12)
+
+
+@pytest.mark.mpi
 def test_rerun_skips_finished_tasks_and_keeps_them(extracted: Path, tmp_path: Path) -> None:
     cfg = _copy(extracted, tmp_path)
     assert _mpi(2, cfg).returncode == 0

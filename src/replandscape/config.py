@@ -163,6 +163,9 @@ class AnalysisConfig:
     threads_per_rank: int | None = None
     ranks: int = 2
     sites: tuple[int, ...] | None = None
+    # split each site's neighbour search over all ranks by row blocks (sites then go one after
+    # another): for sites too large for one rank, e.g. 70B logits
+    split_site_rows: bool = False
 
 
 @dataclass(frozen=True)

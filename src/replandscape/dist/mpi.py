@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from replandscape.errors import UserError
 
 
@@ -160,3 +162,21 @@ def abort_on_error(comm: Any, what: str) -> Iterator[None]:
             sys.stderr.flush()
             comm.Abort(1)
         raise
+
+
+def row_block(n: int, rank: int, size: int) -> np.ndarray:
+    """Contiguous block of rows ``rank`` of ``size`` takes (every row once)."""
+    return np.array_split(np.arange(n), size)[rank]
+
+
+def distributed_knn(comm: Any, X: np.ndarray, k: int, threads: int | None = None) -> Any:
+    """Exact neighbours of every row of ``X`` (present on every rank), each rank searching a block
+    of rows against all of them; rank 0 gets the joined ``(dist, ind)``, the others None."""
+    from replandscape.metrics.neighbors import exact_knn_rows
+
+    rows = row_block(X.shape[0], comm.rank, comm.size)
+    part = exact_knn_rows(X, rows, k, threads=threads)
+    parts = comm.gather(part, root=0)
+    if comm.rank != 0:
+        return None
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))

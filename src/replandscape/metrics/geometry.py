@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -272,6 +272,7 @@ def compute_geometry(
     params: GeometryParams,
     *,
     label_names: Mapping[str, Sequence[str]] | None = None,
+    neighbours: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> GeometryResult:
     """All geometry metrics of one ``[N, D]`` array of representations.
 
@@ -282,6 +283,9 @@ def compute_geometry(
         params: the analysis parameters.
         label_names: optional names of integer label codes, by label name, used for the
             dendrogram's leaves.
+        neighbours: optional ``(X_unique, k) -> (dist, ind)`` used instead of
+            :func:`exact_knn` by the fast engine (the MPI layer passes a search split over ranks
+            by row blocks); it must return what :func:`exact_knn` would.
 
     Returns:
         The :class:`GeometryResult`.
@@ -325,7 +329,10 @@ def compute_geometry(
         if params.engine == "fast":
             # one search serves both: a prefix of a (distance, index)-sorted list is the shorter list
             k_search = max(params.maxk, k_overlap)
-            dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+            if neighbours is not None:
+                dist, ind = neighbours(Xu, k_search)
+            else:
+                dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
             m = params.maxk + 1
             data = Data(
                 distances=(np.ascontiguousarray(dist[:, :m]), np.ascontiguousarray(ind[:, :m])),

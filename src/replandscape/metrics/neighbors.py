@@ -578,6 +578,43 @@ def exact_knn(
     return dist, ind
 
 
+def exact_knn_rows(
+    X: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    *,
+    block_rows: int = 1024,
+    threads: int | None = None,
+    device: Device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbours of some rows of ``X`` only (against all of ``X``), exactly as
+    :func:`exact_knn` orders them: ranks that each take a block of rows and join their blocks get
+    the whole-array result, for sites too large for one rank.
+
+    Returns:
+        ``(dist, ind)`` of shape ``[len(rows), k + 1]``.
+    """
+    X = np.asarray(X)
+    N, D = X.shape
+    if not 1 <= k <= N - 1:
+        raise ValueError(f"k must be between 1 and N - 1 = {N - 1}, got {k}")
+    rows = np.asarray(rows, dtype=np.int64)
+    # the same shift as exact_knn, so the float64 arithmetic is the same
+    shift = X.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
+    Xc = np.subtract(X, shift, dtype=np.float64)
+    sq64 = np.einsum("ij,ij->i", Xc, Xc)
+    if not np.isfinite(sq64).all():
+        raise ValueError("X contains NaN or infinite values")
+    groups = duplicate_groups(X)
+    backend = _make_backend(device)
+    dist_sq = np.empty((N, k + 1), dtype=np.float64)
+    ind = np.empty((N, k + 1), dtype=np.int64)
+    with backend.limit_threads(threads):
+        if rows.size:
+            _exhaustive_rows(backend, Xc, rows, sq64, groups, k, dist_sq, ind, block_rows)
+    return np.sqrt(dist_sq[rows]), ind[rows]
+
+
 def _pilot_union_fraction(
     backend: _Backend, X32: np.ndarray, sq32: np.ndarray, n_cand: int
 ) -> float:

@@ -49,7 +49,7 @@ class Task:
 def analysis_params(cfg: AnalysisConfig) -> dict[str, Any]:
     """What changes the numbers (not how many ranks or threads computed them)."""
     d = dataclasses.asdict(cfg)
-    for key in ("threads_per_rank", "ranks", "sites", "engine"):
+    for key in ("threads_per_rank", "ranks", "sites", "engine", "split_site_rows"):
         d.pop(key, None)
     return d
 
@@ -127,14 +127,11 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
     return tasks, runs
 
 
-def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool) -> dict[str, Any]:
-    """Load one site, subsample, compute the geometry; returns the results row."""
-    from threadpoolctl import threadpool_limits
-
-    from replandscape.metrics.geometry import compute_geometry
+def load_site(task: Task, cfg: ExperimentConfig) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                          list[str]]:
+    """The subsampled [n, D] array of one site, its labels and the subject names."""
     from replandscape.storage import open_activations
 
-    t0 = time.perf_counter()
     with open_activations(task.path) as af:
         subjects = af.rows("subject")
         answers = af.rows("answer")
@@ -142,20 +139,59 @@ def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool) 
         keep = balanced_subsample(qids, subjects, cfg.analysis.per_subject_cap, cfg.run.seed)
         rows = np.flatnonzero(keep)
         x = af.site(task.site, rows)
-    if len(x) and bool((x == x[0]).all()):
-        # e.g. the input of the first block: the kept token is always the same ':' embedding
-        return _degenerate_row(task, len(rows), "all rows identical", time.perf_counter() - t0)
     names = sorted(set(subjects[rows].tolist()))
     codes = np.asarray([names.index(s) for s in subjects[rows]], dtype=np.int64)
-    labels = {"subject": codes, "answer": answers[rows].astype(np.int64)}
+    return x, {"subject": codes, "answer": answers[rows].astype(np.int64)}, names
+
+
+def all_identical(x: np.ndarray) -> bool:
+    # e.g. the input of the first block: the kept token is always the same ':' embedding
+    return bool(len(x)) and bool((x == x[0]).all())
+
+
+def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool,
+             neighbours: Any = None) -> dict[str, Any]:
+    """Load one site, subsample, compute the geometry; returns the results row."""
+    from threadpoolctl import threadpool_limits
+
+    from replandscape.metrics.geometry import compute_geometry
+
+    t0 = time.perf_counter()
+    x, labels, names = load_site(task, cfg)
+    if all_identical(x):
+        return _degenerate_row(task, len(x), "all rows identical", time.perf_counter() - t0)
     params = geometry_params(cfg.analysis, dendrogram, threads)
     with threadpool_limits(limits=threads):
-        result = compute_geometry(x, labels, params, label_names={"subject": names})
+        result = compute_geometry(x, labels, params, label_names={"subject": names},
+                                  neighbours=neighbours)
     row = result.to_json_dict()
     row.update(run=task.run, site=task.site, site_index=task.site_index,
                relative_depth=task.site_index / max(1, task.n_sites - 1),
-               n_subsampled=int(len(rows)), seconds_total=time.perf_counter() - t0)
+               n_subsampled=int(len(x)), seconds_total=time.perf_counter() - t0)
     return row
+
+
+def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -> Any:
+    """One site with its neighbour search split over every rank by row blocks. Every rank calls
+    this; rank 0 runs the estimators and returns the row, the others return None."""
+    from threadpoolctl import threadpool_limits
+
+    from replandscape.metrics.neighbors import deduplicate
+
+    if comm.rank == 0:
+        def search(xu: np.ndarray, k: int) -> Any:
+            comm.bcast(k, root=0)
+            return mpi.distributed_knn(comm, xu, k, threads)
+
+        return run_task(task, cfg, threads, cfg.analysis.dendrogram, neighbours=search)
+    x, _, _ = load_site(task, cfg)
+    if all_identical(x):
+        return None
+    xu = deduplicate(np.asarray(x, dtype=np.float64))[0]  # the same rows rank 0 searches
+    k = comm.bcast(None, root=0)
+    with threadpool_limits(limits=threads):
+        mpi.distributed_knn(comm, xu, k, threads)
+    return None
 
 
 def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str, Any]:
@@ -199,17 +235,31 @@ def run(cfg: ExperimentConfig) -> Path:
     threads = mpi.threads_per_rank(comm, cfg.analysis.threads_per_rank)
     done_here = 0
     progress = _progress(len(tasks), comm.rank == 0)
-    for index in mpi.dynamic_tasks(comm, len(tasks)):
-        task = tasks[index]
-        path = task_dir / f"{task.key}.json"
-        if path.exists() and _read_task(path, phash) is not None:
+    if cfg.analysis.split_site_rows and comm.size > 1:
+        # every rank on every site, one site after another
+        for task in tasks:
+            path = task_dir / f"{task.key}.json"
+            finished = comm.bcast(path.exists() and _read_task(path, phash) is not None
+                                  if comm.rank == 0 else None, root=0)
+            if not finished:
+                with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
+                    row = run_task_split(task, cfg, threads, comm)
+                if comm.rank == 0:
+                    _atomic_json(path, {"params_hash": phash, "row": row})
+                    done_here += 1
             progress.update(1)
-            continue
-        with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-            row = run_task(task, cfg, threads, cfg.analysis.dendrogram)
-        _atomic_json(path, {"params_hash": phash, "row": row})
-        done_here += 1
-        progress.update(1)
+    else:
+        for index in mpi.dynamic_tasks(comm, len(tasks)):
+            task = tasks[index]
+            path = task_dir / f"{task.key}.json"
+            if path.exists() and _read_task(path, phash) is not None:
+                progress.update(1)
+                continue
+            with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
+                row = run_task(task, cfg, threads, cfg.analysis.dendrogram)
+            _atomic_json(path, {"params_hash": phash, "row": row})
+            done_here += 1
+            progress.update(1)
     progress.close()
     counts = comm.gather(done_here, root=0)
     results_path = out / "results.json"
