@@ -194,3 +194,15 @@ def test_interrupted_job_is_requeued_and_ends_like_an_uninterrupted_one(
         for name in a.site_names:
             np.testing.assert_allclose(a.site(name), b.site(name), atol=1e-6)
         assert np.array_equal(a.rows("question_id"), b.rows("question_id"))
+
+
+def test_ls_lists_outputs_and_partial_runs(tmp_path: Path) -> None:
+    cfg = _small(tmp_path, prompts={"shots": [0]})
+    assert cli("run", "extract", str(cfg)).returncode == 0
+    (tmp_path / "out" / "activations" / "shots2.parts").mkdir()
+    out = cli("ls", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(ln.split()[:2] == ["shots0", "60"] for ln in lines)
+    assert any("shots2" in ln and "partial" in ln for ln in lines)
+    assert "shots0" not in "".join(ln for ln in lines if "partial" in ln)
