@@ -399,6 +399,25 @@ class LoraFinetuner:
         self.samples = self._build_samples()
 
         dtype = cfg.model.dtype if self.on_cuda else "float32"
+        ds_config = {
+            "train_batch_size": f.effective_batch,
+            "train_micro_batch_size_per_gpu": f.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": f.grad_clip,
+            "zero_optimization": {"stage": f.zero_stage},
+            "bf16": {"enabled": self.on_cuda and dtype == "bfloat16"},
+            "fp16": {"enabled": self.on_cuda and dtype == "float16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        # ZeRO-3: parameters are partitioned as they load (deepspeed.zero.Init through
+        # transformers), so no rank ever holds the whole model (70B = 141 GB in bf16)
+        partition_on_load = None
+        if f.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            partition_on_load = HfDeepSpeedConfig(ds_config)
         model = load_causal_lm(self.model_path, revision=cfg.model.revision, dtype=dtype)
         model.config.use_cache = False
         torch.manual_seed(cfg.run.seed)  # the same LoRA initialisation on every rank
@@ -414,20 +433,9 @@ class LoraFinetuner:
             return lr_factor(step, total, warmup, min_ratio)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        ds_config = {
-            "train_batch_size": f.effective_batch,
-            "train_micro_batch_size_per_gpu": f.micro_batch,
-            "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": f.grad_clip,
-            "zero_optimization": {"stage": f.zero_stage},
-            "bf16": {"enabled": self.on_cuda and dtype == "bfloat16"},
-            "fp16": {"enabled": self.on_cuda and dtype == "float16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        del partition_on_load
         # dropout masks differ between ranks but are reproducible per (seed, rank)
         torch.manual_seed(cfg.run.seed * 1000 + 7919 * self.info.rank + 1)
 
