@@ -90,6 +90,25 @@ def measure(method: str, layers: int, hidden: int, inter: int, vocab: int, batch
 SHAPES = {"llama3-8b": dict(hidden=4096, inter=14336, vocab=128256, layers=32)}
 
 
+def matmul_rate(device: str, dtype: str, size: int = 4096, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large square matrix product (the forward pass's floor)."""
+    import torch
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    a = torch.randn(size, size, device=device, dtype=dt)
+    b = torch.randn(size, size, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +145,13 @@ def main() -> None:
             rows[(layers, method)] = res
             print(f"{layers:>6} {method:>6} {res['seconds']:>8.2f} {res['tokens_per_s']:>9.0f} "
                   f"{res['activation_mb']:>9.0f}", flush=True)
+    rate = matmul_rate(args.device, args.dtype, size=4096 if args.device == "cuda" else 2048)
+    print(f"matrix-product rate: {rate / 1e9:.0f} GFLOP/s ({args.dtype})")
+    for layers in args.layers:
+        h = rows[(layers, "hooks")]
+        floor = 2 * h["params"] * args.batch * args.tokens / rate
+        print(f"  {layers} layers, hooks: {floor / h['seconds']:.0%} of the forward-pass floor "
+              f"(2 x {h['params'] / 1e6:.0f}M params x tokens / rate = {floor:.2f} s)")
     print("ratios (naive / hooks):")
     for layers in args.layers:
         n, h = rows[(layers, "naive")], rows[(layers, "hooks")]

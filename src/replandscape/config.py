@@ -141,7 +141,9 @@ class FinetuneConfig:
     samples_per_subject: int | None = None
     log_checkpoints: int = 0
     eval_every: int = 0
-    zero_stage: Literal[2, 3] = 3
+    # 3 partitions parameters, gradients and optimizer state over ranks; 2 only the last two;
+    # 0 replicates (the fastest choice for one rank, where there is nothing to partition)
+    zero_stage: Literal[0, 2, 3] = 3
     save_every: int = 0
 
 
