@@ -90,9 +90,7 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
     entries = json.loads(index.read_text()).get("adapters", [])
     conds = []
     for entry in entries:
-        path = Path(entry["path"])
-        if not path.is_absolute():
-            path = folder / path
+        path = folder / entry["name"]  # adapters live beside the index, wherever it was moved
         final = entry["name"] == "adapter-final"
         if cfg.extract.checkpoints == "final" and not final:
             continue

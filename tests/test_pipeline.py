@@ -1,0 +1,32 @@
+"""The whole pipeline in-process, as `replandscape run all` runs it, from a relative output dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import PYTHON, env, tiny_config
+
+
+@pytest.mark.slow
+def test_run_all_with_a_relative_output_folder(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, data={"source": "builtin:demo-mmlu", "limit": 60},
+                      finetune={"epochs": 1, "effective_batch": 8, "micro_batch": 8,
+                                "samples_per_subject": 8, "log_checkpoints": 2},
+                      extract={"checkpoints": "all", "batch_size": 8, "store_dtype": "float32"},
+                      figures={"formats": ["png"]})
+    proc = subprocess.run([PYTHON, "-m", "replandscape.cli.main", "run", "all", str(cfg),
+                           "run.output_dir=rel/out"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "rel" / "out"
+    acts = sorted(p.name for p in (out / "activations").glob("*.h5"))
+    assert "shots0.h5" in acts and "shots2.h5" in acts and "ft-final.h5" in acts
+    assert any(a.startswith("ft-step") for a in acts)  # every log-spaced checkpoint
+    results = json.loads((out / "analysis" / "results.json").read_text())
+    ft = results["runs"]["tiny/ft-final"]
+    assert ft["finetuned"] and ft["checkpoint_step"] >= 1
+    assert ft["provenance"]["checkpoint"].endswith("adapter-final")
+    assert (out / "figures" / "report.md").is_file() and (out / "config.sha256").is_file()
