@@ -16,10 +16,10 @@ import torch
 from helpers import PYTHON, REPO, TINY_MODEL, cli, env, launch_ranks, one_line_error, tiny_config
 from replandscape.config import ModelConfig, load_config
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
+from replandscape.prompts import letter_token_ids
 from replandscape.stages.extract import (
     LastTokenCapture,
     collate,
-    letter_token_ids,
     plan_batches,
     prepare_records,
 )

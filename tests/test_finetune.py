@@ -154,8 +154,7 @@ def test_letter_ids_are_those_of_a_shot() -> None:
     from replandscape.config import ModelConfig
     from replandscape.data import Question
     from replandscape.models import load_tokenizer, resolve_model_path
-    from replandscape.prompts import shot_block
-    from replandscape.stages.finetune import letter_token_ids
+    from replandscape.prompts import letter_token_ids, shot_block
 
     path = resolve_model_path(ModelConfig(path="builtin:tiny-llama", n_layers=2, hidden_size=64))
     tok = load_tokenizer(path)

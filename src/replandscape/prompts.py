@@ -12,6 +12,7 @@ import random
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from replandscape.data import Question
 from replandscape.errors import UserError
@@ -91,3 +92,21 @@ def build_prompts(questions: Iterable[Question], pool: Mapping[str, Sequence[Que
                   seed: int) -> list[PromptRecord]:
     return [PromptRecord(q.id, q.subject, q.answer, build_prompt(q, pool, k, seed))
             for q in questions]
+
+
+def letter_token_ids(tokenizer: Any, n_choices: int) -> list[int]:
+    """Token ids of the answer letters exactly as they follow ``Answer:`` in a shot (not the bare
+    letter, which a BPE such as Llama-3's encodes differently): the answer read from the logits
+    and the token the fine-tuning loss is taken on."""
+    prefix = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in LETTERS[:n_choices]:
+        full = tokenizer("Answer:" + answer_suffix(letter), add_special_tokens=False)["input_ids"]
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
+            raise UserError(f"the tokenizer does not encode '{answer_suffix(letter)}' after "
+                            "'Answer:' as one token", key="model.path",
+                            fix="use a tokenizer with single-token answer letters")
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise UserError("answer letters share a token", key="model.path", fix="check the tokenizer")
+    return ids

@@ -27,6 +27,7 @@ from replandscape import __version__
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
 from replandscape.errors import UserError
+from replandscape.progress import progress as make_progress
 from replandscape.results import Results, params_hash, write_results
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -234,7 +235,7 @@ def run(cfg: ExperimentConfig) -> Path:
         tasks, runs = comm.bcast(plan, root=0)
     threads = mpi.threads_per_rank(comm, cfg.analysis.threads_per_rank)
     done_here = 0
-    progress = _progress(len(tasks), comm.rank == 0)
+    progress = make_progress(len(tasks), "analyze", show=comm.rank == 0, unit="site")
     if cfg.analysis.split_site_rows and comm.size > 1:
         # every rank on every site, one site after another
         for task in tasks:
@@ -277,19 +278,3 @@ def run(cfg: ExperimentConfig) -> Path:
               f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
     comm.Barrier()
     return results_path
-
-
-class _Null:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _Null()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="analyze", unit="site", leave=False, mininterval=1.0)

@@ -32,7 +32,8 @@ from replandscape.config import ExperimentConfig
 from replandscape.data import load_split, select_eval_questions, shots_by_subject
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
-from replandscape.prompts import LETTERS, PromptRecord, answer_suffix, build_prompts
+from replandscape.progress import progress as make_progress
+from replandscape.prompts import PromptRecord, build_prompts, letter_token_ids
 from replandscape.storage import (
     MpioWriter,
     ShardWriter,
@@ -226,22 +227,6 @@ class LastTokenCapture:
 # --------------------------------------------------------------------------------------------
 # tokens and batches
 # --------------------------------------------------------------------------------------------
-
-
-def letter_token_ids(tokenizer: Any, n_choices: int) -> list[int]:
-    """Token ids of the answer letters exactly as they follow ``Answer:`` in a shot."""
-    prefix = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
-    ids = []
-    for letter in LETTERS[:n_choices]:
-        full = tokenizer("Answer:" + answer_suffix(letter), add_special_tokens=False)["input_ids"]
-        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
-            raise UserError(f"the tokenizer does not encode '{answer_suffix(letter)}' after "
-                            "'Answer:' as one token", key="model.path",
-                            fix="use a tokenizer with single-token answer letters")
-        ids.append(full[-1])
-    if len(set(ids)) != len(ids):
-        raise UserError("answer letters share a token", key="model.path", fix="check the tokenizer")
-    return ids
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_length: int,
@@ -458,7 +443,8 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
         n_batches = max(torchdist.all_gather_object(len(batches)))
     pad_id = tokenizer.pad_token_id
     letters = torch.as_tensor(letter_ids, device=loaded.device)
-    progress = _progress(n_batches, f"extract {condition.name}", info.is_main)
+    progress = make_progress(n_batches, f"extract {condition.name}", show=info.is_main,
+                             unit="batch")
     answers = np.asarray([r.answer for r in records], dtype=np.int64)
     batch_lines = os.environ.get("REPLANDSCAPE_BATCH_LINES") == "1"
     try:
@@ -510,20 +496,6 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     return final
 
 
-class _NullProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, show: bool) -> Any:
-    if not show:
-        return _NullProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
 
 
 def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:

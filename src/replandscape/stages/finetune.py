@@ -44,7 +44,7 @@ from replandscape.data import Question, load_split, select_eval_questions
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
-from replandscape.prompts import LETTERS, answer_suffix, build_prompt, training_text
+from replandscape.prompts import build_prompt, letter_token_ids, training_text
 
 STAGE_DIR = "finetune"
 FINAL_ADAPTER = "adapter-final"
@@ -172,23 +172,6 @@ def rank_shard(global_batch: Sequence[int], rank: int, world_size: int) -> list[
     return list(global_batch[rank::world_size])
 
 
-def letter_token_ids(tokenizer: Any, num_choices: int) -> list[int]:
-    """The token id of each answer letter as it follows ``Answer:`` in a solved shot."""
-    prefix = tokenizer.encode("Answer:", add_special_tokens=False)
-    ids = []
-    for letter in LETTERS[:num_choices]:
-        full = tokenizer.encode("Answer:" + answer_suffix(letter), add_special_tokens=False)
-        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
-            raise UserError(f"the tokenizer does not encode '{answer_suffix(letter)}' after "
-                            "'Answer:' as one token", key="model.path",
-                            fix="use a tokenizer with single-token answer letters")
-        ids.append(full[-1])
-    if len(set(ids)) != len(ids):
-        raise UserError("answer letters share a token id", key="model.path",
-                        fix="use a tokenizer that tells the letters apart")
-    return ids
-
-
 def answer_token_loss(logits: Any, labels: Any, weights: Any) -> tuple[Any, Any]:
     """Weighted token cross-entropy of a causal LM restricted to labelled positions.
 
@@ -273,18 +256,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut by a kill
                 break
     return rows
-
-
-def _skip_cpu_shm_op() -> None:
-    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op (75-90 s the first time):
-    gloo does the job on CPU. ``deepspeed.ops.__compatible_ops__`` is read only by that op's
-    builder; setting it before first use also skips probing every op with a compiler."""
-    import deepspeed.ops
-
-    if "__compatible_ops__" not in deepspeed.ops.__dict__:
-        deepspeed.ops.__dict__["__compatible_ops__"] = {"deepspeed_shm_comm": False}
-    else:
-        deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
 
 
 def _quiet_deepspeed() -> None:
@@ -387,8 +358,6 @@ class LoraFinetuner:
         cfg, f = self.cfg, self.cfg.finetune
         self.device = torchdist.pick_device("auto", self.info)
         self.on_cuda = self.device.startswith("cuda")
-        if not self.on_cuda:
-            _skip_cpu_shm_op()
         _quiet_deepspeed()
         # without RANK etc. DeepSpeed would look for MPI; a single process needs them too
         torchdist.export_rendezvous(self.info)
