@@ -31,3 +31,22 @@ def test_run_all_with_a_relative_output_folder(tmp_path: Path) -> None:
     assert ft["finetuned"] and ft["checkpoint_step"] >= 1
     assert ft["provenance"]["checkpoint"].endswith("adapter-final")
     assert (out / "figures" / "report.md").is_file() and (out / "config.sha256").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [PYTHON, "-m", "replandscape.cli.main", "demo", "--out", str(out), "data.limit=90",
+         "prompts.shots=[0,5]", "finetune.epochs=1", "analysis.maxk=40", "analysis.range_max=32",
+         "analysis.id_scale_index=3"],
+        env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 2 rank(s)" in proc.stderr  # configs/demo.yaml: the analysis on 2 MPI ranks
+    assert "demo finished in" in proc.stdout
+    for name in ("shots0.h5", "shots5.h5", "ft-final.h5"):
+        assert (out / "activations" / name).is_file()
+    for name in ("profiles_demo-llama.png", "profiles_demo-llama.pdf", "ari_subject.png",
+                 "accuracy.md", "accuracy.tex", "report.md"):
+        assert (out / "figures" / name).is_file(), name
