@@ -217,3 +217,22 @@ def test_ls_lists_outputs_and_partial_runs(tmp_path: Path) -> None:
     assert any(ln.split()[:2] == ["shots0", "60"] for ln in lines)
     assert any("shots2" in ln and "partial" in ln for ln in lines)
     assert "shots0" not in "".join(ln for ln in lines if "partial" in ln)
+
+
+@pytest.mark.slurm
+def test_second_submission_on_running_outputs_is_refused(slurm_cluster: object,
+                                                          tmp_path: Path) -> None:
+    cfg = _small(tmp_path, prompts={"shots": [5]}, extract={"batch_size": 1},
+                 finetune={"enabled": False})
+    first = cli("submit", str(cfg), *SLURM)
+    assert first.returncode == 0, first.stderr
+    try:
+        line = one_line_error(cli("submit", str(cfg), *SLURM))
+        assert "still has" in line and "queued or running" in line
+    finally:
+        record = json.loads((tmp_path / "out" / "sweep-t.json").read_text())
+        ids = {i.split("_")[0] for j in record["jobs"] for i in j["job_ids"]}
+        slurm_cluster.run("scancel", *ids)  # type: ignore[attr-defined]
+        for i in ids:
+            slurm_cluster.wait_for_state(i, ("CANCELLED", "COMPLETED", "FAILED"),  # type: ignore[attr-defined]
+                                         timeout_s=60)

@@ -144,6 +144,11 @@ def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
     assert cluster.partition is not None
     check_partition(cluster.partition, where)
     check_outputs_free(sweep)
+    check_not_running(sweep)
+    from replandscape.data import check_config_against_data
+
+    for exp in sweep.experiments:  # shots per subject, maxk against the points: before queueing
+        check_config_against_data(exp.cfg)
     sweep.output_root.mkdir(parents=True, exist_ok=True)
     folder = sweep.output_root / "slurm-logs"
     for exp in sweep.experiments:  # the experiment's own config, not an array task's
@@ -157,6 +162,38 @@ def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
     if not wait:
         return 0
     return wait_for(record, wait_timeout_s)
+
+
+def check_not_running(sweep: Sweep) -> None:
+    """Refuse a second submission while jobs of a sweep on the same outputs are still queued or
+    running: both would write the same files."""
+    roots = {sweep.output_root, *(e.cfg.output_dir for e in sweep.experiments)}
+    for root in roots:
+        for path in sorted(root.glob("sweep-*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            ids = [i for j in record.get("jobs", []) for i in j.get("job_ids", [])]
+            live = queued_jobs(ids)
+            if live:
+                raise UserError(f"sweep '{record.get('sweep')}' still has {len(live)} job(s) "
+                                f"queued or running on these outputs (e.g. {live[0]})",
+                                file=str(path), key="output_root",
+                                fix=f"wait (replandscape status {root}) or scancel them")
+
+
+def queued_jobs(ids: Sequence[str]) -> list[str]:
+    """The ids still in the queue (pending, running, completing), from squeue: it knows a job
+    the moment it is submitted, before accounting does."""
+    import subprocess
+
+    if not ids:
+        return []
+    masters = sorted({i.split("_")[0] for i in ids})
+    out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(masters)],
+                         capture_output=True, text=True, timeout=60)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def job_states(ids: Sequence[str]) -> dict[str, str]:
