@@ -291,3 +291,24 @@ def test_mistral_family_extracts(tmp_path: Path) -> None:
     with open_activations(tmp_path / "out" / "activations" / "shots0.h5") as af:
         assert af.attrs["model_name"] == "tiny-mistral"
         assert af.site("input_layernorm.02").shape == (48, 32)
+
+
+def test_bfloat16_model_is_stored_as_bfloat16_exactly(tmp_path: Path) -> None:
+    """The GPU path's dtype handling, on CPU: a bf16 model's vectors are kept as bf16 bits (HDF5
+    has no bf16) and read back widened exactly."""
+    model = dict(TINY_MODEL, cpu_dtype="bfloat16")
+    runs = {}
+    for store in ("model", "float32"):
+        cfg_path = tiny_config(tmp_path, f"{store}.yaml", model=model, prompts={"shots": [0]},
+                               extract={"store_dtype": store},
+                               run={"name": "t", "output_dir": str(tmp_path / store)})
+        proc = cli("run", "extract", str(cfg_path))
+        assert proc.returncode == 0, proc.stderr
+        with open_activations(tmp_path / store / "activations" / "shots0.h5") as af:
+            assert af.attrs["dtype"] == "bfloat16"
+            raw = af.fh["sites"]["norm"]
+            runs[store] = (raw.dtype, raw.attrs["dtype"], af.site("norm"))
+    assert runs["model"][:2] == (np.dtype(np.uint16), "bfloat16")
+    assert runs["float32"][:2] == (np.dtype(np.float32), "float32")
+    # bf16 values widened to float32 are exact, so both files hold the same numbers
+    assert np.array_equal(runs["model"][2], runs["float32"][2])
