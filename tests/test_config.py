@@ -128,3 +128,15 @@ def test_unknown_top_level_section_and_bad_yaml(tmp_path: Path) -> None:
         load_config(bad)
     line = one_line_error(cli("validate", str(tmp_path / "missing.yaml")))
     assert "config file not found" in line
+
+
+def test_analysis_defaults_agree_with_the_metrics_defaults() -> None:
+    """The config and the pure metrics both carry METHOD.md's values; they must not drift."""
+    from replandscape.config import AnalysisConfig
+    from replandscape.metrics.geometry import GeometryParams
+
+    cfg, params = AnalysisConfig(), GeometryParams()
+    for name in ("maxk", "range_max", "id_scale_index", "density_k", "overlap_fraction",
+                 "dendrogram_min_size", "dendrogram_label_fraction", "engine"):
+        assert getattr(cfg, name) == getattr(params, name), name
+    assert cfg.z == params.Z

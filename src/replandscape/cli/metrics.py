@@ -22,6 +22,9 @@ from replandscape.errors import UserError
 
 
 def register(subparsers: Any) -> None:
+    from replandscape.metrics.geometry import GeometryParams
+
+    defaults = GeometryParams()  # METHOD.md's values, in one place
     parser = subparsers.add_parser(
         "metrics",
         help="intrinsic dimension, density peaks, ARI and overlap of one [N, D] .npy array",
@@ -37,31 +40,31 @@ def register(subparsers: Any) -> None:
         help="a label array of length N (repeatable), e.g. subject=subjects.npy",
     )
     parser.add_argument(
-        "--maxk", type=int, default=1000, help="neighbours per point (default 1000)"
+        "--maxk", type=int, default=defaults.maxk, help="neighbours per point (default %(default)s)"
     )
     parser.add_argument(
         "--range-max",
         type=int,
-        default=100,
-        help="largest neighbour rank of the Gride scaling (default 100)",
+        default=defaults.range_max,
+        help="largest neighbour rank of the Gride scaling (default %(default)s)",
     )
     parser.add_argument(
         "--id-scale-index",
         type=int,
-        default=4,
-        help="Gride scale whose ID feeds the density (default 4)",
+        default=defaults.id_scale_index,
+        help="Gride scale whose ID feeds the density (default %(default)s)",
     )
     parser.add_argument(
-        "--density-k", type=int, default=16, help="kNN density neighbours (default 16)"
+        "--density-k", type=int, default=defaults.density_k, help="kNN density neighbours (default %(default)s)"
     )
     parser.add_argument(
-        "--z", type=float, default=1.6, help="ADP merging threshold Z (default 1.6)"
+        "--z", type=float, default=defaults.Z, help="ADP merging threshold Z (default %(default)s)"
     )
     parser.add_argument(
         "--overlap-fraction",
         type=float,
-        default=0.3,
-        help="per-class neighbours of the overlap, as a fraction (default 0.3)",
+        default=defaults.overlap_fraction,
+        help="per-class neighbours of the overlap, as a fraction (default %(default)s)",
     )
     parser.add_argument(
         "--engine",
