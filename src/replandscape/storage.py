@@ -382,17 +382,6 @@ def finalize_mpio(final_path: Path, sites: Sequence[SiteSpec], header: Mapping[s
     return final_path
 
 
-def remove_parts(final_path: Path) -> None:
-    """Shards stay referenced by the virtual datasets; only temporary files go."""
-    tmp = final_path.with_name(final_path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ActivationFile:
     """A complete, checked activation file opened for reading."""
@@ -505,8 +494,3 @@ def open_activations(path: str | os.PathLike[str]) -> Iterator[ActivationFile]:
         yield ActivationFile(path=path, fh=fh)
     finally:
         fh.close()
-
-
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    with open_activations(path) as af:
-        return af.attrs

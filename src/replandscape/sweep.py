@@ -250,7 +250,6 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
     first = sweep.experiments[0]
     figures = _job(first.cfg, first, "figures", f"{sweep.name}/figures", gpus=0, ranks=1,
                    depends_on=tuple(analyses), outputs=(str(sweep.output_root / "figures"),))
-    figures.overrides = tuple(figures.overrides)
     jobs.append(figures)
     for exp in sweep.experiments:
         for job in jobs:

@@ -127,11 +127,6 @@ def dynamic_tasks(comm: Any, n_tasks: int) -> Iterator[int]:
         counter.free()
 
 
-def static_split(n_tasks: int, rank: int, size: int) -> list[int]:
-    """Round-robin split: rank r takes r, r + size, ... (every task once)."""
-    return list(range(rank, n_tasks, size))
-
-
 def threads_per_rank(comm: Any, requested: int | None) -> int:
     """Cores of this node shared among the ranks on it (at least one thread each)."""
     if requested:
