@@ -236,3 +236,13 @@ def test_second_submission_on_running_outputs_is_refused(slurm_cluster: object,
         for i in ids:
             slurm_cluster.wait_for_state(i, ("CANCELLED", "COMPLETED", "FAILED"),  # type: ignore[attr-defined]
                                          timeout_s=60)
+
+
+def test_validate_checks_every_experiment_of_a_sweep(tmp_path: Path) -> None:
+    sweep = _sweep_file(tmp_path, _small(tmp_path))
+    ok = cli("validate", str(sweep))
+    assert ok.returncode == 0 and "sweep t: 1 experiment(s)" in ok.stdout
+    # only the data tell: 6 subjects x 3 points per subject < maxk 20
+    bad = _sweep_file(tmp_path, _small(tmp_path), overrides=["analysis.per_subject_cap=3"])
+    line = one_line_error(cli("validate", str(bad)))
+    assert "analysis.maxk" in line and "sees 18 points" in line

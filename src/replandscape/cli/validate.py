@@ -32,7 +32,11 @@ def validate_file(path: str, overrides: list[str]) -> str:
     if "sweep" in data:
         from replandscape.sweep import load_sweep
 
+        from replandscape.data import check_config_against_data
+
         sweep = load_sweep(path, overrides)
+        for exp in sweep.experiments:
+            check_config_against_data(exp.cfg)
         return f"sweep {sweep.name}: {len(sweep.experiments)} experiment(s)"
     group = Path(path).parent.name
     if group in ("cluster", "model"):
