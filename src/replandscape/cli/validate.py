@@ -30,9 +30,8 @@ def validate_file(path: str, overrides: list[str]) -> str:
 
     data = read_yaml(Path(path))
     if "sweep" in data:
-        from replandscape.sweep import load_sweep
-
         from replandscape.data import check_config_against_data
+        from replandscape.sweep import load_sweep
 
         sweep = load_sweep(path, overrides)
         for exp in sweep.experiments:
