@@ -26,6 +26,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from replandscape.atomic import write_text_atomic
 from replandscape.errors import UserError
 
 GROUPS = ("model", "cluster")
@@ -600,8 +601,6 @@ def save_resolved(cfg: ExperimentConfig, folder: str | os.PathLike[str]) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     text = f"# resolved config, sha256 {cfg.hash}\n# source: {cfg.source_file}\n" + cfg.to_yaml()
-    for name, content in (("config.yaml", text), ("config.sha256", cfg.hash + "\n")):
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, folder / name)
+    write_text_atomic(path, text)
+    write_text_atomic(folder / "config.sha256", cfg.hash + "\n")
     return path

@@ -38,12 +38,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replandscape.atomic import write_text_atomic
 from replandscape.errors import UserError
 
 RESULTS_KIND = "replandscape.results"
@@ -105,20 +105,8 @@ class Results:
 
 def write_results(results: Results, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _clean(results.to_dict())
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 def read_results(path: str | os.PathLike[str]) -> Results:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from replandscape import __version__
+from replandscape.atomic import write_text_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
 from replandscape.errors import UserError
@@ -205,9 +206,7 @@ def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, allow_nan=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, allow_nan=True))
 
 
 def _read_task(path: Path, phash: str) -> dict[str, Any] | None:

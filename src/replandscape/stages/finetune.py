@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replandscape.atomic import write_text_atomic
 from replandscape.config import ExperimentConfig, save_resolved
 from replandscape.data import Question, load_split, select_eval_questions
 from replandscape.dist import torchdist
@@ -240,9 +241,7 @@ def check_target_modules(targets: Sequence[str], module_names: Sequence[str]) ->
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -746,10 +745,8 @@ class LoraFinetuner:
             rows = [r for r in _read_jsonl(self.out / TRAIN_LOG) if r.get("step", 0) <= step
                     and not (step == 0 and r.get("step", 0) == 0)]
             if rows or (self.out / TRAIN_LOG).exists():
-                text = "".join(json.dumps(r) + "\n" for r in rows)
-                tmp = self.out / (TRAIN_LOG + ".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, self.out / TRAIN_LOG)
+                write_text_atomic(self.out / TRAIN_LOG,
+                                  "".join(json.dumps(r) + "\n" for r in rows))
             entries = [c for c in self._read_checkpoints()
                        if c.step <= step and c.name != FINAL_ADAPTER]
             if (self.out / CHECKPOINTS_FILE).exists():
