@@ -145,3 +145,7 @@ def test_subsample_is_balanced_fixed_and_stored(extracted: Path, tmp_path: Path)
     data = json.loads((tmp_path / "out" / "analysis" / "results.json").read_text())
     assert data["analysis_params"]["per_subject_cap"] == 20
     assert all(r["n_subsampled"] <= 20 * 6 for r in data["rows"])
+    # the subset is stored with the results: which questions every site was measured on
+    stored = data["runs"]["tiny/shots0"]["subsample"]
+    assert stored["n"] == len(stored["question_ids"]) == data["rows"][1]["n_subsampled"]
+    assert stored == data["runs"]["tiny/shots2"]["subsample"]  # the same questions per condition

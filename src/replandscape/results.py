@@ -16,7 +16,8 @@ Layout (``schema_version`` 1)::
           "finetuned": false, "checkpoint_step": null,
           "n_sites": 8, "site_names": [...],
           "accuracy": {"micro": 0.4, "macro": 0.38, "per_subject": {SUBJECT: acc}},
-          "provenance": {"activations": PATH, "config_hash": ..., "model_path": ..., ...}
+          "provenance": {"activations": PATH, "config_hash": ..., "model_path": ..., ...},
+          "subsample": {"n": 9181, "question_ids": [...]}   # the balanced subset analysed
         }
       },
       "rows": [                           # one per (run, site)

@@ -115,6 +115,11 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
                                "code_version": attrs.get("code_version"),
                                "n_rows": int(attrs["n_rows"])},
             }
+            qids = af.rows("question_id")
+            keep = balanced_subsample(qids, af.rows("subject"), cfg.analysis.per_subject_cap,
+                                      cfg.run.seed)
+            runs[run]["subsample"] = {"n": int(keep.sum()),
+                                      "question_ids": [int(q) for q in qids[keep]]}
         wanted = cfg.analysis.sites
         for i, name in enumerate(names):
             if wanted is not None and i not in wanted and (i - len(names)) not in wanted:
