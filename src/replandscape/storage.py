@@ -117,6 +117,33 @@ def _row_chunks(n: int, dim: int) -> tuple[int, int] | None:
     return (max(1, min(n, (1 << 20) // max(1, dim * 4))), dim)
 
 
+def _create_partial_layout(fh: Any, n: int, sites: Sequence[SiteSpec], *, chunked: bool) -> None:
+    """The datasets of a file being written: sites, numeric row fields and the per-row done mask
+    (uint8, 1 = written) that a resumed run reads."""
+    grp = fh.create_group("sites")
+    for s in sites:
+        ds = grp.create_dataset(s.name, shape=(n, s.dim), dtype=s.h5_dtype,
+                                chunks=_row_chunks(n, s.dim) if chunked else None)
+        ds.attrs["dtype"] = s.dtype
+    rows = fh.create_group("rows")
+    for name, dt in NUMERIC_ROW_FIELDS.items():
+        rows.create_dataset(name, shape=(n,), dtype=dt)
+    fh.create_dataset("done", shape=(n,), dtype=np.uint8)
+
+
+def _write_sorted(fh: Any, positions: np.ndarray, site_values: Mapping[str, np.ndarray],
+                  row_values: Mapping[str, np.ndarray]) -> None:
+    """Write a batch at ``positions`` of the file's datasets (sorted first: HDF5 selections must
+    increase) and mark those rows done."""
+    order = np.argsort(positions)
+    positions = positions[order]
+    for name, values in site_values.items():
+        fh["sites"][name][positions] = values[order]
+    for name, values in row_values.items():
+        fh["rows"][name][positions] = np.asarray(values)[order]
+    fh["done"][positions] = 1
+
+
 def parts_dir(path: Path) -> Path:
     return path.with_name(path.stem + ".parts")
 
@@ -166,15 +193,7 @@ class ShardWriter:
             fh.attrs.update(kind=SHARD_KIND, schema_version=SCHEMA_VERSION,
                             stage_hash=stage_hash, start=start, stop=stop, rank=rank,
                             world_size=world, complete=False)
-            grp = fh.create_group("sites")
-            for s in sites:
-                ds = grp.create_dataset(s.name, shape=(n, s.dim), dtype=s.h5_dtype,
-                                        chunks=_row_chunks(n, s.dim))
-                ds.attrs["dtype"] = s.dtype
-            rows = fh.create_group("rows")
-            for name, dt in NUMERIC_ROW_FIELDS.items():
-                rows.create_dataset(name, shape=(n,), dtype=dt)
-            fh.create_dataset("done", shape=(n,), dtype=np.bool_)
+            _create_partial_layout(fh, n, sites, chunked=True)
             fh.flush()
         self.fh = fh
 
@@ -184,14 +203,8 @@ class ShardWriter:
     def write(self, rows: np.ndarray, site_values: Mapping[str, np.ndarray],
               row_values: Mapping[str, np.ndarray]) -> None:
         """Write a batch (global row indices, any order) and mark it done, durably."""
-        local = np.asarray(rows, dtype=np.int64) - self.start
-        order = np.argsort(local)
-        local = local[order]
-        for name, values in site_values.items():
-            self.fh["sites"][name][local] = values[order]
-        for name, values in row_values.items():
-            self.fh["rows"][name][local] = np.asarray(values)[order]
-        self.fh["done"][local] = True
+        _write_sorted(self.fh, np.asarray(rows, dtype=np.int64) - self.start, site_values,
+                      row_values)
         self.fh.flush()
 
     def close(self) -> None:
@@ -244,14 +257,8 @@ class MpioWriter:
             fh = h5py.File(self.path, "w", driver="mpio", comm=comm)
             fh.attrs.update(kind=SHARD_KIND, schema_version=SCHEMA_VERSION, stage_hash=stage_hash,
                             n_rows=n_rows, world_size=comm.size, complete=False)
-            grp = fh.create_group("sites")
-            for s in sites:
-                ds = grp.create_dataset(s.name, shape=(n_rows, s.dim), dtype=s.h5_dtype)
-                ds.attrs["dtype"] = s.dtype
-            rows = fh.create_group("rows")
-            for name, dt in NUMERIC_ROW_FIELDS.items():
-                rows.create_dataset(name, shape=(n_rows,), dtype=dt)
-            fh.create_dataset("done", shape=(n_rows,), dtype=np.uint8)
+            # contiguous datasets: HDF5 1.10 writes chunked ones only collectively
+            _create_partial_layout(fh, n_rows, sites, chunked=False)
         self.fh = fh
         self.comm = comm
 
@@ -264,13 +271,7 @@ class MpioWriter:
         the same number of times."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows):
-            order = np.argsort(rows)
-            rows = rows[order]
-            for name, values in site_values.items():
-                self.fh["sites"][name][rows] = values[order]
-            for name, values in row_values.items():
-                self.fh["rows"][name][rows] = np.asarray(values)[order]
-            self.fh["done"][rows] = 1
+            _write_sorted(self.fh, rows, site_values, row_values)
         self.fh.flush()
 
     def close(self) -> None:
