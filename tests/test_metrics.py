@@ -110,6 +110,32 @@ def test_exact_knn_equals_sklearn_float64_brute_force(
     assert np.all(np.diff(dist, axis=1) >= 0)
 
 
+@pytest.mark.parametrize("strategy", ["float32", "float64"])
+@pytest.mark.parametrize("memory_limit_gb", [2.0, 0.0])  # stored symmetric matrix, or not
+def test_threads_split_the_work_without_changing_the_result(
+    strategy: str, memory_limit_gb: float
+) -> None:
+    # small blocks: many products, selections and re-ranking blocks, more of them than threads,
+    # so threads share the scratch buffers; three threads on any machine
+    X, _ = planted_clusters(n_per=90, n_clusters=8, dim=48)
+    runs = {}
+    for threads in (1, 3):
+        info: dict[str, Any] = {}
+        runs[threads] = exact_knn(
+            X,
+            80,
+            strategy=strategy,  # type: ignore[arg-type]
+            threads=threads,
+            block_rows=64,
+            memory_limit_gb=memory_limit_gb,
+            info=info,
+        )
+        assert info["workers"] == threads and info["strategy"] == strategy
+    np.testing.assert_array_equal(runs[1][1], runs[3][1])
+    np.testing.assert_array_equal(runs[1][0], runs[3][0])  # the same float64 arithmetic
+    np.testing.assert_array_equal(runs[3][1], sklearn_brute(X, 80)[1])
+
+
 def test_float32_pass_certifies_rows_and_falls_back_when_it_cannot() -> None:
     X, _ = planted_clusters(n_per=60, n_clusters=10, dim=128)
     ref_dist, ref_ind = sklearn_brute(X, 100)

@@ -20,12 +20,18 @@ mean-shifted data (``|x|^2 + |y|^2 - 2 x.y``, well conditioned once the mean is 
 ``"float64"``: one exhaustive float64 pass, halved by symmetry when the matrix fits in memory,
     then exact selection and ordering.
 
-``"auto"`` (default) compares the two from the candidate sets of the rows nearest to a few random
-points: the float32 pass costs ``1 / r`` of the float64 one (``r``, the float32 over float64
-throughput, about 1.8 on CPUs, about 1 on GPUs) and the re-ranking ``2 u`` more, ``u`` being the
-fraction of the points a block of nearby rows needs. Clustered data with neighbourhoods spread
-over the whole set (the planted benchmark, ``u`` about 0.2) favour ``"float64"``; smooth,
-local neighbourhoods favour ``"float32"``. Both give the same result.
+``"auto"`` (default) estimates both from the candidate sets of the rows nearest to a random
+point: the float32 pass costs ``1 / r`` of the float64 one (``r``, the float32 over float64
+throughput: about 2 on CPUs, about 1 on GPUs) and the re-ranking about ``3.7 u`` more, ``u``
+being the fraction of the points a block of nearby rows needs (gathering them costs as much as
+the products). Clustered data with neighbourhoods spread over the whole set (the planted
+benchmark, ``u`` about 0.18) favour ``"float64"``; smooth, local neighbourhoods (``u`` below
+about 0.13) favour ``"float32"``. Both give the same result.
+
+On the CPU the work is spread over as many threads as the BLAS may use (``threads``, or
+threadpoolctl's cap): each thread runs single-threaded products, selections and sorts on its own
+blocks of rows, so the steps that a multithreaded BLAS would leave on one core (selecting the
+``k`` smallest of each row, ordering them) use every core too.
 
 Conventions are those of ``dadapy.Data(distances=(dist, ind))``: arrays ``[N, k + 1]``, column 0
 the point itself at distance exactly 0, float64 Euclidean distances increasing along each row,
@@ -42,12 +48,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 Device = Literal["cpu", "torch", "cuda", "auto"]
 Strategy = Literal["auto", "float32", "float64"]
@@ -55,6 +63,10 @@ Strategy = Literal["auto", "float32", "float64"]
 _U32 = float(np.finfo(np.float32).eps) / 2.0  # unit roundoff of float32
 _ERROR_SAFETY = 4.0  # the bound is this many times the largest float32 error observed
 _RERANK_ROWS = 128  # rows re-ranked together in float64 (their candidate union is gathered)
+# Re-ranking blocks whose candidate union is a fraction u of the points costs about
+# _RERANK_COST * u of the float64 strategy (measured: u = 0.18 took 0.67 of it, N = 14 000,
+# D = 4096, two cores; benchmarks/bench_analysis.py).
+_RERANK_COST = 3.7
 _HASH_COLUMNS = 256
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
@@ -259,10 +271,22 @@ class _Backend(Protocol):
     symmetric: bool  # whether ``smallest`` can fill a stored matrix from half the products
 
     def smallest(
-        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+        self,
+        X: np.ndarray,
+        sq: np.ndarray,
+        n_keep: int,
+        block_rows: int,
+        symmetric: bool,
+        workers: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
-    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray: ...
+    def gram(
+        self,
+        X: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray | None,
+        buffer: np.ndarray | None = None,
+    ) -> np.ndarray: ...
 
     def limit_threads(self, threads: int | None) -> contextlib.AbstractContextManager[None]: ...
 
@@ -284,66 +308,154 @@ def _take_smallest(
     return cand, cvals, nxt
 
 
-def _add_transposed(g: np.ndarray, row_term: np.ndarray, out: np.ndarray, tile: int = 256) -> None:
-    """``out = g.T + row_term[None, :]``, tile by tile so that the transposition stays in cache
-    (about 2.5 times faster than one strided pass over a large block)."""
-    rows, cols = g.shape
+def _copy_transposed(src: np.ndarray, dst: np.ndarray, tile: int = 256) -> None:
+    """``dst[...] = src.T``, tile by tile so that the transposition stays in cache (about 2.5
+    times faster than one strided pass over a large block)."""
+    rows, cols = src.shape
     for s in range(0, rows, tile):
         for t in range(0, cols, tile):
-            np.add(
-                g[s : s + tile, t : t + tile].T,
-                row_term[None, s : s + tile],
-                out=out[t : t + tile, s : s + tile],
-            )
+            np.copyto(dst[t : t + tile, s : s + tile], src[s : s + tile, t : t + tile].T)
+
+
+def _blas_threads() -> int:
+    """Threads the BLAS would use now (a threadpoolctl cap included)."""
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(1, max(counts, default=1))
+
+
+def _run_parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """``[fn(item) for item in items]`` on ``workers`` threads, each with a single BLAS thread.
+
+    The work items are large numpy operations (matrix products, partitions, sorts, element-wise
+    passes), which release the GIL, so threads run them on separate cores. Outside the matrix
+    products this is what keeps every core busy: a multithreaded BLAS alone leaves the
+    selection and sorting steps on one core. Items are taken in order as threads free up.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+class _BufferPool:
+    """One scratch array per concurrent worker, taken and given back around each work item."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: type, count: int) -> None:
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for w in range(count):
+            self._free.put(_workspace(f"{name}{w}", shape, dtype))
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[np.ndarray]:
+        buf = self._free.get()
+        try:
+            yield buf
+        finally:
+            self._free.put(buf)
 
 
 class _NumpyBackend:
-    """Matrix products through numpy's BLAS; threads capped with threadpoolctl."""
+    """Matrix products through numpy's BLAS, spread over threads; threads capped with
+    threadpoolctl."""
 
     name = "numpy"
-    float64_speed_ratio = 1.8  # measured with OpenBLAS on AVX-512 and AVX2 CPUs
+    seconds: dict[str, float]  # the last call's products and selection, when stored apart
+    float64_speed_ratio = 2.0  # measured with OpenBLAS on AVX-512 and AVX2 CPUs (1.8-2.1)
     symmetric = True  # computes half of a stored distance matrix
 
     def smallest(
-        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+        self,
+        X: np.ndarray,
+        sq: np.ndarray,
+        n_keep: int,
+        block_rows: int,
+        symmetric: bool,
+        workers: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row, the ``n_keep`` smallest keys ``|x_j|^2 - 2 x_i.x_j`` (the row's own
-        ``|x_i|^2`` left out), in the precision of ``X``."""
+        ``|x_i|^2`` left out), in the precision of ``X``.
+
+        The keys are formed as ``|x_j|^2 / 2 - x_i.x_j`` and doubled at the end: halving and
+        doubling are exact, so the values are those of the direct formula, for one pass over
+        the products instead of two.
+        """
+        self.seconds = {}
         N = X.shape[0]
+        dtype = X.dtype.type
+        half_sq = (sq * 0.5).astype(dtype)[None, :]
+        # fresh arrays rather than kept scratch memory: freed after the call, their pages serve
+        # the estimators' own allocations that follow (faulting in never-used pages costs about
+        # a second per GB in some virtual machines)
         cand = np.empty((N, n_keep), dtype=np.int64)
-        ckey = np.empty((N, n_keep), dtype=X.dtype)
+        ckey = np.empty((N, n_keep), dtype=dtype)
         nxt = np.full(N, np.inf, dtype=X.dtype)
         starts = list(range(0, N, block_rows))
-        full: np.ndarray | None = None
-        if symmetric:
-            # each product block fills two blocks of rows of the stored matrix
-            full = _workspace("matrix", (N, N), X.dtype.type)
-            for a, i0 in enumerate(starts):
-                i1 = min(i0 + block_rows, N)
-                for j0 in starts[a:]:
-                    j1 = min(j0 + block_rows, N)
-                    g = X[i0:i1] @ X[j0:j1].T
-                    g *= -2.0  # exact (a power of two)
-                    np.add(g, sq[None, j0:j1], out=full[i0:i1, j0:j1])
-                    if j0 != i0:
-                        _add_transposed(g, sq[i0:i1], full[j0:j1, i0:i1])
-        for i0 in starts:
-            i1 = min(i0 + block_rows, N)
-            if full is not None:
-                keys = full[i0:i1]
-            else:
-                keys = X[i0:i1] @ X.T
-                keys *= -2.0
-                keys += sq[None, :]
+        # selection runs on chunks of rows, enough of them to keep every worker busy
+        chunk = max(16, min(block_rows, -(-N // (4 * workers))))
+
+        def select(keys: np.ndarray, i0: int) -> None:
+            """``keys`` holds ``x_i.x_j`` for rows ``i0 ...``; turned into keys in place."""
+            np.subtract(half_sq, keys, out=keys)
+            i1 = i0 + keys.shape[0]
             if n_keep < N:
                 cand[i0:i1], ckey[i0:i1], nxt[i0:i1] = _take_smallest(keys, i0, n_keep)
             else:
                 cand[i0:i1] = np.arange(N)
                 ckey[i0:i1] = keys
+
+        if symmetric:
+            # each product block fills two blocks of rows of the stored matrix; the blocks of
+            # a row of blocks go to one worker, largest rows first
+            full = _workspace("matrix", (N, N), dtype)
+
+            def products(a: int) -> None:
+                i0, i1 = starts[a], min(starts[a] + block_rows, N)
+                for j0 in starts[a:]:
+                    j1 = min(j0 + block_rows, N)
+                    out = full[i0:i1, j0:j1]
+                    np.matmul(X[i0:i1], X[j0:j1].T, out=out)
+                    if j0 != i0:
+                        _copy_transposed(out, full[j0:j1, i0:i1])
+
+            t0 = time.perf_counter()
+            _run_parallel(products, range(len(starts)), workers)
+            self.seconds["products"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _run_parallel(
+                lambda i0: select(full[i0 : min(i0 + chunk, N)], i0), range(0, N, chunk), workers
+            )
+            self.seconds["selection"] = time.perf_counter() - t0
+        else:
+            buffers = _BufferPool("keys", (block_rows, N), dtype, workers)
+
+            def block(i0: int) -> None:
+                i1 = min(i0 + block_rows, N)
+                with buffers.take() as buf:
+                    keys = buf[: i1 - i0]
+                    np.matmul(X[i0:i1], X.T, out=keys)
+                    select(keys, i0)
+
+            _run_parallel(block, starts, workers)
+        ckey *= 2.0
+        nxt *= 2.0
         return cand, ckey, nxt
 
-    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
-        return X[rows] @ (X if cols is None else X[cols]).T
+    def gram(
+        self,
+        X: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray | None,
+        buffer: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``X[rows] @ X[cols].T``; the gathered ``X[cols]`` goes into ``buffer`` when given
+        (reused scratch memory instead of a fresh array per call)."""
+        if cols is None:
+            right = X
+        elif buffer is None:
+            right = X[cols]
+        else:
+            right = np.take(X, cols, axis=0, out=buffer[: cols.size])
+        return X[rows] @ right.T
 
     @contextlib.contextmanager
     def limit_threads(self, threads: int | None) -> Iterator[None]:
@@ -375,8 +487,15 @@ class _TorchBackend:
         return self._on_device[1]
 
     def smallest(
-        self, X: np.ndarray, sq: np.ndarray, n_keep: int, block_rows: int, symmetric: bool
+        self,
+        X: np.ndarray,
+        sq: np.ndarray,
+        n_keep: int,
+        block_rows: int,
+        symmetric: bool,
+        workers: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # torch spreads its products and top-k over its own threads; ``workers`` is unused
         torch = self.torch
         Xt = self._tensor(X)
         N = X.shape[0]
@@ -400,7 +519,13 @@ class _TorchBackend:
                 nxt[i0:i1] = vals[:, n_keep].cpu().numpy()
         return cand, ckey, nxt
 
-    def gram(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    def gram(
+        self,
+        X: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray | None,
+        buffer: np.ndarray | None = None,
+    ) -> np.ndarray:
         Xt = self._tensor(X)
         left = Xt[self.torch.from_numpy(rows).to(self.device)]
         right = Xt if cols is None else Xt[self.torch.from_numpy(cols).to(self.device)]
@@ -522,37 +647,42 @@ def exact_knn(
     dist_sq = np.empty((N, k + 1), dtype=np.float64)
     ind = np.empty((N, k + 1), dtype=np.int64)
     with backend.limit_threads(threads):
-        X32: np.ndarray | None = None
+        workers = _blas_threads() if backend.name == "numpy" else 1
+        extra["workers"] = workers
         if strategy == "auto":
             t0 = time.perf_counter()
-            if 2 * n_cand >= N or backend.float64_speed_ratio <= 1.0:
-                strategy = "float64"
+            # costs in units of the float64 strategy with its matrix stored
+            halves = backend.symmetric
+            cost64 = 1.0 if fits and halves else 2.0
+            fits32 = memory_limit_gb * 2**30 >= N * N * 4
+            base32 = (1.0 if fits32 and halves else 2.0) / backend.float64_speed_ratio
+            if 2 * n_cand >= N or base32 + _RERANK_COST * n_cand / N >= cost64:
+                strategy = "float64"  # even a union of one candidate set would cost too much
             else:
-                X32 = _workspace("points32", (N, D), np.float32)
-                X32[...] = Xc
-                union = _pilot_union_fraction(backend, X32, sq64.astype(np.float32), n_cand)
-                # float32 pass + re-ranking of ~union*N columns per row (gathers cost about a
-                # quarter more) against one float64 pass; a pass is halved by symmetry when its
-                # matrix is stored (in units of a symmetric float64 pass)
-                fits32 = memory_limit_gb * 2**30 >= N * N * 4
-                halves = backend.symmetric
-                cost32 = (1.0 if fits32 and halves else 2.0) / backend.float64_speed_ratio
-                cost32 += 2.0 * union / 0.75
-                cost64 = 1.0 if fits and halves else 2.0
-                strategy = "float32" if cost32 < cost64 else "float64"
+                union = _pilot_union_fraction(Xc, sq64, n_cand)
+                strategy = "float32" if base32 + _RERANK_COST * union < cost64 else "float64"
                 extra["pilot_union_fraction"] = union
             timings["choose_strategy"] = time.perf_counter() - t0
         extra["strategy"] = strategy
         if strategy == "float64":
             t0 = time.perf_counter()
             _search_float64(
-                backend, Xc, sq64, groups, k, block_rows, fits and backend.symmetric, dist_sq, ind
+                backend,
+                Xc,
+                sq64,
+                groups,
+                k,
+                block_rows,
+                fits and backend.symmetric,
+                dist_sq,
+                ind,
+                workers,
+                timings,
             )
             timings["search_float64"] = time.perf_counter() - t0
         else:
-            if X32 is None:
-                X32 = _workspace("points32", (N, D), np.float32)
-                X32[...] = Xc
+            X32 = _workspace("points32", (N, D), np.float32)
+            X32[...] = Xc
             _search_float32(
                 backend,
                 Xc,
@@ -565,6 +695,7 @@ def exact_knn(
                 memory_limit_gb * 2**30 >= N * N * 4,
                 dist_sq,
                 ind,
+                workers,
                 timings,
                 extra,
             )
@@ -611,27 +742,23 @@ def exact_knn_rows(
     ind = np.empty((N, k + 1), dtype=np.int64)
     with backend.limit_threads(threads):
         if rows.size:
-            _exhaustive_rows(backend, Xc, rows, sq64, groups, k, dist_sq, ind, block_rows)
+            workers = _blas_threads() if backend.name == "numpy" else 1
+            _exhaustive_rows(backend, Xc, rows, sq64, groups, k, dist_sq, ind, block_rows, workers)
     return np.sqrt(dist_sq[rows]), ind[rows]
 
 
-def _pilot_union_fraction(
-    backend: _Backend, X32: np.ndarray, sq32: np.ndarray, n_cand: int
-) -> float:
-    """Fraction of all points needed to re-rank a block of nearby rows: the union of the
-    float32 candidate sets of the rows nearest to a few random points, averaged."""
-    N = X32.shape[0]
-    rng = np.random.default_rng(0)
-    fractions = []
-    for seed_row in rng.choice(N, size=min(3, N), replace=False):
-        keys = sq32 - 2.0 * (X32 @ X32[seed_row])
-        block = np.argpartition(keys, min(_RERANK_ROWS, N - 1))[:_RERANK_ROWS]
-        g = backend.gram(X32, block, None)
-        g *= -2.0
-        g += sq32[None, :]
-        part = np.argpartition(g, n_cand - 1, axis=1)[:, :n_cand]
-        fractions.append(np.unique(part).size / N)
-    return float(np.mean(fractions))
+def _pilot_union_fraction(Xc: np.ndarray, sq64: np.ndarray, n_cand: int) -> float:
+    """Fraction of all points that re-ranking one block of nearby rows needs: the union of the
+    candidate sets of the rows nearest to a random point."""
+    N = Xc.shape[0]
+    seed_row = int(np.random.default_rng(0).integers(N))
+    keys = sq64 - 2.0 * (Xc @ Xc[seed_row])
+    block = np.argsort(keys)[:_RERANK_ROWS]
+    g = Xc[block] @ Xc.T
+    g *= -2.0
+    g += sq64[None, :]
+    part = np.argpartition(g, n_cand - 1, axis=1)[:, :n_cand]
+    return float(np.unique(part).size / N)
 
 
 def _finish_rows(
@@ -654,6 +781,12 @@ def _finish_rows(
     return sel, np.take_along_axis(cols, pick, axis=1)
 
 
+def _row_chunks(N: int, workers: int, largest: int = 512) -> list[slice]:
+    """Contiguous slices of ``range(N)``, several per worker."""
+    step = max(16, min(largest, -(-N // (4 * workers))))
+    return [slice(s, min(s + step, N)) for s in range(0, N, step)]
+
+
 def _search_float64(
     backend: _Backend,
     Xc: np.ndarray,
@@ -664,20 +797,31 @@ def _search_float64(
     symmetric: bool,
     dist_sq: np.ndarray,
     ind: np.ndarray,
+    workers: int,
+    timings: dict[str, float],
 ) -> None:
     """One exhaustive float64 pass (symmetric when the matrix fits), then exact ordering."""
     N = Xc.shape[0]
     has_duplicates = bool((groups != np.arange(N)).any())
     keep = min(N, k + 1)
-    cand, ckey, nxt = backend.smallest(Xc, sq64, keep, block_rows, symmetric)
-    exact = sq64[:, None] + ckey
-    sel, nb = _finish_rows(exact, cand, np.arange(N), groups, has_duplicates, k)
-    dist_sq[:] = sel
-    ind[:] = nb
+    t0 = time.perf_counter()
+    cand, ckey, nxt = backend.smallest(Xc, sq64, keep, block_rows, symmetric, workers)
+    timings["products_and_selection"] = time.perf_counter() - t0
+    timings.update(getattr(backend, "seconds", {}))
+
+    t0 = time.perf_counter()
+
+    def finish(rows: slice) -> None:
+        exact = sq64[rows, None] + ckey[rows]
+        ids = np.arange(rows.start, rows.stop)
+        dist_sq[rows], ind[rows] = _finish_rows(exact, cand[rows], ids, groups, has_duplicates, k)
+
+    _run_parallel(finish, _row_chunks(N, workers), workers)
     # a left-out point whose distance equals the k-th one may have the lower index: redo those
-    tie = np.flatnonzero(sq64 + nxt <= sel[:, -1])
+    tie = np.flatnonzero(sq64 + nxt <= dist_sq[:, -1])
     if tie.size:
-        _exhaustive_rows(backend, Xc, tie, sq64, groups, k, dist_sq, ind, block_rows)
+        _exhaustive_rows(backend, Xc, tie, sq64, groups, k, dist_sq, ind, block_rows, workers)
+    timings["ordering"] = time.perf_counter() - t0
 
 
 def _search_float32(
@@ -692,6 +836,7 @@ def _search_float32(
     symmetric: bool,
     dist_sq: np.ndarray,
     ind: np.ndarray,
+    workers: int,
     timings: dict[str, float],
     extra: dict[str, Any],
 ) -> None:
@@ -699,7 +844,9 @@ def _search_float32(
     N, D = Xc.shape
     has_duplicates = bool((groups != np.arange(N)).any())
     t0 = time.perf_counter()
-    cand, ckey, nxt = backend.smallest(X32, sq64.astype(np.float32), n_cand, block_rows, symmetric)
+    cand, ckey, nxt = backend.smallest(
+        X32, sq64.astype(np.float32), n_cand, block_rows, symmetric, workers
+    )
     timings["candidates_float32"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -707,19 +854,20 @@ def _search_float32(
     timings["grouping"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    eps_seen = 0.0
     kth = np.empty(N, dtype=np.float64)
-    marker = np.zeros(N, dtype=bool)
-    slot = np.zeros(N, dtype=np.int64)
-    pairs = 0
-    for rows in blocks:
+    # a block's union of candidates is at most all points; gathered into one buffer per worker
+    widest = min(N, _RERANK_ROWS * n_cand)
+    gathered = _BufferPool("gathered", (widest, D), np.float64, workers)
+
+    def rerank(rows: np.ndarray) -> tuple[float, int]:
         rc = cand[rows]
+        marker = np.zeros(N, dtype=bool)
         marker[rc.ravel()] = True
         union = np.flatnonzero(marker)
-        marker[union] = False
+        slot = np.empty(N, dtype=np.int64)
         slot[union] = np.arange(union.size)
-        pairs += rows.size * union.size
-        dots = np.take_along_axis(backend.gram(Xc, rows, union), slot[rc], axis=1)
+        with gathered.take() as buf:
+            dots = np.take_along_axis(backend.gram(Xc, rows, union, buf), slot[rc], axis=1)
         exact = sq64[rows, None] + sq64[rc] - 2.0 * dots
         # the float32 error on these pairs, relative to the scale (|x|^2 + |y|^2) / 2
         scale = 0.5 * (sq64[rows, None] + sq64[rc])
@@ -727,11 +875,15 @@ def _search_float32(
         err[rc == rows[:, None]] = 0.0
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(scale > 0, err / scale, 0.0)
-        eps_seen = max(eps_seen, float(rel.max()))
         sel, nb = _finish_rows(exact, rc, rows, groups, has_duplicates, k)
         dist_sq[rows] = sel
         ind[rows] = nb
         kth[rows] = sel[:, -1]
+        return float(rel.max()), rows.size * union.size
+
+    outcomes = _run_parallel(rerank, blocks, workers)
+    eps_seen = max((e for e, _ in outcomes), default=0.0)
+    pairs = sum(n for _, n in outcomes)
     timings["rerank_float64"] = time.perf_counter() - t0
 
     # Accept a row when no left-out point can come as close as its k-th neighbour: every
@@ -741,7 +893,7 @@ def _search_float32(
     lowest = sq64 + nxt.astype(np.float64) - eps_bound * 0.5 * (sq64 + sq64.max())
     failed = np.flatnonzero(~(kth < lowest))
     if failed.size:
-        _exhaustive_rows(backend, Xc, failed, sq64, groups, k, dist_sq, ind, block_rows)
+        _exhaustive_rows(backend, Xc, failed, sq64, groups, k, dist_sq, ind, block_rows, workers)
     timings["fallback_float64"] = time.perf_counter() - t0
     extra.update(
         n_candidates=int(n_cand),
@@ -761,12 +913,14 @@ def _exhaustive_rows(
     dist_sq: np.ndarray,
     ind: np.ndarray,
     block_rows: int,
+    workers: int = 1,
 ) -> None:
     """Plain float64 search of some rows against all points, with exact ties by index."""
     N = sq64.shape[0]
     has_duplicates = bool((groups != np.arange(N)).any())
-    step = max(1, min(block_rows, (256 * 2**20) // (8 * N)))
-    for s in range(0, rows_all.size, step):
+    step = max(1, min(block_rows, (256 * 2**20) // (8 * N * workers)))
+
+    def search(s: int) -> None:
         rows = rows_all[s : s + step]
         exact = sq64[rows, None] + sq64[None, :] - 2.0 * backend.gram(Xc, rows, None)
         sel, nb = _finish_rows(
@@ -774,3 +928,5 @@ def _exhaustive_rows(
         )
         dist_sq[rows] = sel
         ind[rows] = nb
+
+    _run_parallel(search, range(0, rows_all.size, step), workers)
