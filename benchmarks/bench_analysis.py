@@ -68,8 +68,13 @@ def main() -> None:
 
     import dadapy  # noqa: F401  (imported before timing: it takes seconds, it loads jax)
 
+    from replandscape.allocator import retain_freed_memory
     from replandscape.metrics.geometry import GeometryParams, compute_geometry
     from replandscape.metrics.neighbors import exact_knn
+
+    # as the analysis stage does, for both engines: freed arrays stay in the process (on this
+    # kind of virtual machine re-faulting returned memory costs about 2 s per GB)
+    retain_freed_memory()
 
     limits = threadpool_limits(limits=args.threads) if args.threads else None
     pools = ", ".join(f"{p['internal_api']}={p['num_threads']}" for p in threadpool_info())

@@ -117,7 +117,10 @@ def _parse_labels(specs: list[str]) -> dict[str, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from replandscape.allocator import retain_freed_memory
     from replandscape.metrics.geometry import GeometryParams, compute_geometry, params_to_dict
+
+    retain_freed_memory()
 
     X = _load_npy(args.array, "X")
     labels = _parse_labels(args.labels)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from replandscape import __version__
+from replandscape.allocator import retain_freed_memory
 from replandscape.atomic import write_text_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
@@ -224,6 +225,7 @@ def _read_task(path: Path, phash: str) -> dict[str, Any] | None:
 
 def run(cfg: ExperimentConfig) -> Path:
     """Analyse every (run, site) of ``cfg``'s activations; returns the results file path."""
+    retain_freed_memory()  # every site allocates the same large arrays again
     comm = mpi.world()
     out = cfg.output_dir / "analysis"
     task_dir = out / "tasks"
