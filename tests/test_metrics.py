@@ -136,6 +136,22 @@ def test_threads_split_the_work_without_changing_the_result(
     np.testing.assert_array_equal(runs[3][1], sklearn_brute(X, 80)[1])
 
 
+def test_auto_strategy_takes_float32_only_for_local_neighbourhoods() -> None:
+    rng = np.random.default_rng(0)
+    # a thin 2-d sheet in 64-d: a block of nearby rows needs few points to re-rank
+    sheet = rng.uniform(size=(4000, 2)) @ rng.normal(size=(2, 64))
+    sheet = (sheet + 1e-3 * rng.normal(size=sheet.shape)).astype(np.float32)
+    info: dict[str, Any] = {}
+    _, ind = exact_knn(sheet, 50, info=info)
+    assert info["strategy"] == "float32" and info["pilot_union_fraction"] < 0.11
+    np.testing.assert_array_equal(ind, sklearn_brute(sheet, 50)[1])
+    # clusters smaller than k: every neighbourhood reaches into the others, float64 is cheaper
+    X, _ = planted_clusters(n_per=60, n_clusters=10, dim=128)
+    info = {}
+    exact_knn(X, 100, info=info)
+    assert info["strategy"] == "float64"
+
+
 def test_float32_pass_certifies_rows_and_falls_back_when_it_cannot() -> None:
     X, _ = planted_clusters(n_per=60, n_clusters=10, dim=128)
     ref_dist, ref_ind = sklearn_brute(X, 100)

@@ -22,11 +22,11 @@ mean-shifted data (``|x|^2 + |y|^2 - 2 x.y``, well conditioned once the mean is 
 
 ``"auto"`` (default) estimates both from the candidate sets of the rows nearest to a random
 point: the float32 pass costs ``1 / r`` of the float64 one (``r``, the float32 over float64
-throughput: about 2 on CPUs, about 1 on GPUs) and the re-ranking about ``3.7 u`` more, ``u``
+throughput: about 2 on CPUs, about 1 on GPUs) and the re-ranking about ``4.5 u`` more, ``u``
 being the fraction of the points a block of nearby rows needs (gathering them costs as much as
 the products). Clustered data with neighbourhoods spread over the whole set (the planted
-benchmark, ``u`` about 0.18) favour ``"float64"``; smooth, local neighbourhoods (``u`` below
-about 0.13) favour ``"float32"``. Both give the same result.
+benchmark, ``u`` about 0.14) favour ``"float64"``; smooth, local neighbourhoods (``u`` below
+about 0.11) favour ``"float32"``. Both give the same result.
 
 On the CPU the work is spread over as many threads as the BLAS may use (``threads``, or
 threadpoolctl's cap): each thread runs single-threaded products, selections and sorts on its own
@@ -63,10 +63,10 @@ Strategy = Literal["auto", "float32", "float64"]
 _U32 = float(np.finfo(np.float32).eps) / 2.0  # unit roundoff of float32
 _ERROR_SAFETY = 4.0  # the bound is this many times the largest float32 error observed
 _RERANK_ROWS = 128  # rows re-ranked together in float64 (their candidate union is gathered)
-# Re-ranking blocks whose candidate union is a fraction u of the points costs about
-# _RERANK_COST * u of the float64 strategy (measured: u = 0.18 took 0.67 of it, N = 14 000,
-# D = 4096, two cores; benchmarks/bench_analysis.py).
-_RERANK_COST = 3.7
+# Re-ranking costs about _RERANK_COST * u of the float64 strategy, u being the pilot's union
+# fraction (measured at N = 14 000, D = 4096, two cores: pilot u = 0.144, re-ranking 0.65 of
+# the float64 search; the pilot's block is tighter than the average block, whose union is 0.18).
+_RERANK_COST = 4.5
 _HASH_COLUMNS = 256
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
