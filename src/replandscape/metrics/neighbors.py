@@ -390,8 +390,9 @@ class _NumpyBackend:
         ckey = np.empty((N, n_keep), dtype=dtype)
         nxt = np.full(N, np.inf, dtype=X.dtype)
         starts = list(range(0, N, block_rows))
-        # selection runs on chunks of rows, enough of them to keep every worker busy
-        chunk = max(16, min(block_rows, -(-N // (4 * workers))))
+        # selection runs on chunks of rows small enough to stay in cache (256 rows: 0.9 s against
+        # 1.1-1.25 s with 1024 at N = 14 000), enough of them to keep every worker busy
+        chunk = max(16, min(256, -(-N // (4 * workers))))
 
         def select(keys: np.ndarray, i0: int) -> None:
             """``keys`` holds ``x_i.x_j`` for rows ``i0 ...``; turned into keys in place."""
