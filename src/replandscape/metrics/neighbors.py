@@ -330,11 +330,15 @@ def _run_parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) 
     passes), which release the GIL, so threads run them on separate cores. Outside the matrix
     products this is what keeps every core busy: a multithreaded BLAS alone leaves the
     selection and sorting steps on one core. Items are taken in order as threads free up.
+
+    The BLAS runs single-threaded even with one worker: a multithreaded BLAS may round a small
+    product differently, and the result must not depend on how many threads computed it.
     """
-    if workers <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, items))
 
 
 class _BufferPool:
@@ -596,7 +600,8 @@ def exact_knn(
         margin: float32 candidates kept per row beyond ``k + 1`` (default ``max(32, k // 20)``);
             a larger margin only makes the exhaustive fallback rarer.
         memory_limit_gb: the ``N x N`` matrix is stored (so only half of it is computed, by
-            symmetry) when it fits in this much memory.
+            symmetry) when it fits in this much memory; otherwise the threads' blocks of keys
+            and re-ranking buffers are sized to stay within it.
         keep_workspace: keep the large scratch arrays (the stored matrix, the shifted points)
             for the next call, which skips the cost of first-touching fresh memory; at most
             ``memory_limit_gb`` plus ``12 N D`` bytes stay allocated until
@@ -650,6 +655,9 @@ def exact_knn(
     with backend.limit_threads(threads):
         workers = _blas_threads() if backend.name == "numpy" else 1
         extra["workers"] = workers
+        if not fits:
+            # without a stored matrix each thread holds [block_rows, N] keys: keep them in budget
+            block_rows = max(16, min(block_rows, int(memory_limit_gb * 2**30) // (8 * N * workers)))
         if strategy == "auto":
             t0 = time.perf_counter()
             # costs in units of the float64 strategy with its matrix stored
@@ -694,6 +702,7 @@ def exact_knn(
                 n_cand,
                 block_rows,
                 memory_limit_gb * 2**30 >= N * N * 4,
+                memory_limit_gb * 2**30,
                 dist_sq,
                 ind,
                 workers,
@@ -835,6 +844,7 @@ def _search_float32(
     n_cand: int,
     block_rows: int,
     symmetric: bool,
+    memory_limit: float,
     dist_sq: np.ndarray,
     ind: np.ndarray,
     workers: int,
@@ -858,7 +868,10 @@ def _search_float32(
     kth = np.empty(N, dtype=np.float64)
     # a block's union of candidates is at most all points; gathered into one buffer per worker
     widest = min(N, _RERANK_ROWS * n_cand)
-    gathered = _BufferPool("gathered", (widest, D), np.float64, workers)
+    # each re-ranking thread holds one gather buffer (up to a copy of all points): as many
+    # threads as the memory budget allows
+    rerank_workers = max(1, min(workers, int(memory_limit // (widest * D * 8))))
+    gathered = _BufferPool("gathered", (widest, D), np.float64, rerank_workers)
 
     def rerank(rows: np.ndarray) -> tuple[float, int]:
         rc = cand[rows]
@@ -882,7 +895,7 @@ def _search_float32(
         kth[rows] = sel[:, -1]
         return float(rel.max()), rows.size * union.size
 
-    outcomes = _run_parallel(rerank, blocks, workers)
+    outcomes = _run_parallel(rerank, blocks, rerank_workers)
     eps_seen = max((e for e, _ in outcomes), default=0.0)
     pairs = sum(n for _, n in outcomes)
     timings["rerank_float64"] = time.perf_counter() - t0
