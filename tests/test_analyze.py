@@ -128,6 +128,17 @@ def test_site_that_does_not_exist_is_refused(extracted: Path, tmp_path: Path) ->
     assert "analysis.sites" in line and "99" in line
 
 
+def test_cuda_device_without_a_gpu_is_refused(extracted: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = _copy(extracted, tmp_path)
+    line = one_line_error(cli("run", "analyze", str(cfg), "analysis.device=cuda"))
+    assert "analysis.device" in line and "no CUDA GPU" in line
+    assert not (tmp_path / "out" / "analysis" / "results.json").exists()
+
+
 def test_missing_activations_are_refused(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     line = one_line_error(cli("run", "analyze", str(cfg)))

@@ -137,6 +137,6 @@ def test_analysis_defaults_agree_with_the_metrics_defaults() -> None:
 
     cfg, params = AnalysisConfig(), GeometryParams()
     for name in ("maxk", "range_max", "id_scale_index", "density_k", "overlap_fraction",
-                 "dendrogram_min_size", "dendrogram_label_fraction", "engine"):
+                 "dendrogram_min_size", "dendrogram_label_fraction", "engine", "device"):
         assert getattr(cfg, name) == getattr(params, name), name
     assert cfg.z == params.Z

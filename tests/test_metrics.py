@@ -490,7 +490,7 @@ def test_cli_writes_json(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "not_npy", "label_length", "too_few", "bad_label_spec"]
+    "case", ["missing", "not_npy", "label_length", "too_few", "bad_label_spec", "no_gpu"]
 )
 def test_cli_bad_input_exits_1_with_one_line(
     tmp_path: Any, capsys: pytest.CaptureFixture[str], case: str
@@ -511,6 +511,12 @@ def test_cli_bad_input_exits_1_with_one_line(
         argv[3] = "1000"
     elif case == "bad_label_spec":
         argv += ["--labels", "subject"]
+    elif case == "no_gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        argv += ["--device", "cuda"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("replandscape: error:")

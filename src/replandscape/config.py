@@ -163,6 +163,8 @@ class AnalysisConfig:
     dendrogram_min_size: int = 30
     dendrogram_label_fraction: float = 0.2
     engine: Literal["fast", "dadapy"] = "fast"
+    # where the fast engine's products run: "auto" takes a CUDA GPU when the job has one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int | None = None
     ranks: int = 2
     sites: tuple[int, ...] | None = None

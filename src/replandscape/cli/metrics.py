@@ -75,8 +75,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--device",
         choices=("cpu", "torch", "cuda", "auto"),
-        default="cpu",
-        help="where the fast engine multiplies matrices (default cpu)",
+        default="auto",
+        help="where the fast engine multiplies matrices (default auto: a CUDA GPU when torch "
+        "sees one, else the CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="cap on BLAS/OpenMP threads")
     parser.add_argument("--dendrogram", action="store_true", help="also build the peak dendrogram")

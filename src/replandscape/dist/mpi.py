@@ -164,13 +164,14 @@ def row_block(n: int, rank: int, size: int) -> np.ndarray:
     return np.array_split(np.arange(n), size)[rank]
 
 
-def distributed_knn(comm: Any, X: np.ndarray, k: int, threads: int | None = None) -> Any:
+def distributed_knn(comm: Any, X: np.ndarray, k: int, threads: int | None = None,
+                    device: str = "cpu") -> Any:
     """Exact neighbours of every row of ``X`` (present on every rank), each rank searching a block
     of rows against all of them; rank 0 gets the joined ``(dist, ind)``, the others None."""
     from replandscape.metrics.neighbors import exact_knn_rows
 
     rows = row_block(X.shape[0], comm.rank, comm.size)
-    part = exact_knn_rows(X, rows, k, threads=threads)
+    part = exact_knn_rows(X, rows, k, threads=threads, device=device)  # type: ignore[arg-type]
     parts = comm.gather(part, root=0)
     if comm.rank != 0:
         return None

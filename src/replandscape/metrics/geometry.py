@@ -63,7 +63,8 @@ class GeometryParams:
         dendrogram_labels: the label array naming the leaves (the first one when absent).
         engine: ``"fast"`` (our exact neighbour engine) or ``"dadapy"`` (DADApy's default
             scikit-learn search); the estimators are DADApy's either way.
-        device: device of the fast engine (``"cpu"``, ``"torch"``, ``"cuda"``, ``"auto"``).
+        device: device of the fast engine (``"cpu"``, ``"torch"``, ``"cuda"``, or ``"auto"``:
+            a CUDA GPU when torch sees one, else the CPU).
         threads: cap on BLAS/OpenMP threads (None leaves them as they are).
         compute_dendrogram: whether to build the dendrogram of the density peaks.
     """
@@ -78,7 +79,7 @@ class GeometryParams:
     dendrogram_label_fraction: float = 0.2
     dendrogram_labels: str = "subject"
     engine: Engine = "fast"
-    device: str = "cpu"
+    device: str = "auto"
     threads: int | None = None
     compute_dendrogram: bool = False
 
@@ -172,6 +173,25 @@ def _check_params(params: GeometryParams) -> None:
         raise UserError(f"engine must be 'fast' or 'dadapy', got {params.engine!r}", key="engine")
     if not 0.0 < params.overlap_fraction <= 1.0:
         raise UserError("overlap_fraction must be in (0, 1]", key="overlap_fraction")
+    if params.device not in ("cpu", "torch", "cuda", "auto"):
+        raise UserError(
+            f"device must be cpu, torch, cuda or auto, got {params.device!r}", key="device"
+        )
+    if params.engine == "fast" and params.device in ("torch", "cuda"):
+        try:
+            import torch
+        except ImportError:
+            raise UserError(
+                f"device {params.device} needs torch, which is not installed",
+                key="device",
+                fix="use device auto or cpu",
+            ) from None
+        if params.device == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                "device is cuda but torch sees no CUDA GPU",
+                key="device",
+                fix="use device auto (a GPU when there is one) or cpu",
+            )
 
 
 def _check_input(

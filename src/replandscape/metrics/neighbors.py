@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
+import sys
 import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -555,6 +557,8 @@ def _make_backend(device: str) -> _Backend:
         return _NumpyBackend()
     if device not in ("torch", "cuda", "auto"):
         raise ValueError(f"device must be one of cpu, torch, cuda, auto; got {device!r}")
+    if device == "auto" and "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+        return _NumpyBackend()  # no NVIDIA driver: not worth importing torch to ask
     try:
         import torch
     except ImportError as exc:

@@ -52,7 +52,7 @@ class Task:
 def analysis_params(cfg: AnalysisConfig) -> dict[str, Any]:
     """What changes the numbers (not how many ranks or threads computed them)."""
     d = dataclasses.asdict(cfg)
-    for key in ("threads_per_rank", "ranks", "sites", "engine", "split_site_rows"):
+    for key in ("threads_per_rank", "ranks", "sites", "engine", "device", "split_site_rows"):
         d.pop(key, None)
     return d
 
@@ -65,7 +65,7 @@ def geometry_params(cfg: AnalysisConfig, compute_dendrogram: bool, threads: int 
                           overlap_fraction=cfg.overlap_fraction,
                           dendrogram_min_size=cfg.dendrogram_min_size,
                           dendrogram_label_fraction=cfg.dendrogram_label_fraction,
-                          engine=cfg.engine, threads=threads,
+                          engine=cfg.engine, device=cfg.device, threads=threads,
                           compute_dendrogram=compute_dendrogram)
 
 
@@ -189,7 +189,7 @@ def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -
     if comm.rank == 0:
         def search(xu: np.ndarray, k: int) -> Any:
             comm.bcast(k, root=0)
-            return mpi.distributed_knn(comm, xu, k, threads)
+            return mpi.distributed_knn(comm, xu, k, threads, cfg.analysis.device)
 
         return run_task(task, cfg, threads, cfg.analysis.dendrogram, neighbours=search)
     x, _, _ = load_site(task, cfg)
@@ -198,7 +198,7 @@ def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -
     xu = deduplicate(np.asarray(x, dtype=np.float64))[0]  # the same rows rank 0 searches
     k = comm.bcast(None, root=0)
     with threadpool_limits(limits=threads):
-        mpi.distributed_knn(comm, xu, k, threads)
+        mpi.distributed_knn(comm, xu, k, threads, cfg.analysis.device)
     return None
 
 
@@ -223,6 +223,22 @@ def _read_task(path: Path, phash: str) -> dict[str, Any] | None:
     return data["row"] if data.get("params_hash") == phash else None
 
 
+def check_device(cfg: AnalysisConfig) -> None:
+    """``device: cuda`` needs a GPU this process can see (``auto`` falls back to the CPU)."""
+    if cfg.device != "cuda" or cfg.engine != "fast":
+        return
+    try:
+        import torch
+
+        seen = bool(torch.cuda.is_available())
+    except ImportError:
+        seen = False
+    if not seen:
+        raise UserError("analysis.device is cuda but this job sees no CUDA GPU",
+                        key="analysis.device",
+                        fix="set analysis.device=auto (or cpu), or give the analysis job a GPU")
+
+
 def run(cfg: ExperimentConfig) -> Path:
     """Analyse every (run, site) of ``cfg``'s activations; returns the results file path."""
     retain_freed_memory()  # every site allocates the same large arrays again
@@ -232,6 +248,7 @@ def run(cfg: ExperimentConfig) -> Path:
     params = analysis_params(cfg.analysis)
     phash = params_hash(params)
     with mpi.abort_on_error(comm, "planning"):
+        check_device(cfg.analysis)
         if comm.rank == 0:
             task_dir.mkdir(parents=True, exist_ok=True)
             tasks, runs = plan_tasks(cfg, activation_files(cfg))
