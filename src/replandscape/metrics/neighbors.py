@@ -139,14 +139,17 @@ def deduplicate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         X: ``[N, D]`` array.
 
     Returns:
-        ``(X_unique, kept_index, n_duplicates)``: the kept rows, their indices in ``X``
-        (increasing, so labels follow as ``labels[kept_index]``) and how many rows were removed.
+        ``(X_unique, kept_index, n_duplicates)``: the kept rows (``X`` itself when none is
+        removed), their indices in ``X`` (increasing, so labels follow as
+        ``labels[kept_index]``) and how many rows were removed.
     """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-d array, got shape {X.shape}")
     labels = duplicate_groups(X)
     kept = np.flatnonzero(labels == np.arange(X.shape[0])).astype(np.int64)
+    if kept.size == X.shape[0]:
+        return X, kept, 0  # nothing to remove: no copy of a possibly large array
     return X[kept], kept, int(X.shape[0] - kept.size)
 
 
