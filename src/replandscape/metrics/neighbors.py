@@ -609,10 +609,11 @@ def exact_knn(
         memory_limit_gb: the ``N x N`` matrix is stored (so only half of it is computed, by
             symmetry) when it fits in this much memory; otherwise the threads' blocks of keys
             and re-ranking buffers are sized to stay within it.
-        keep_workspace: keep the large scratch arrays (the stored matrix, the shifted points)
-            for the next call, which skips the cost of first-touching fresh memory; at most
-            ``memory_limit_gb`` plus ``12 N D`` bytes stay allocated until
-            :func:`release_workspace`. The engine is therefore not re-entrant across threads.
+        keep_workspace: keep the large scratch arrays (the stored matrix or the threads'
+            blocks of keys, the re-ranking buffers, the shifted points) for the next call, which
+            skips the cost of first-touching fresh memory; at most twice ``memory_limit_gb``
+            plus ``12 N D`` bytes stay allocated until :func:`release_workspace`. The engine is
+            therefore not re-entrant across calling threads (it runs its own threads inside).
         info: if given, filled with the back end, the strategy, the candidate count, the
             float32 error bound, the rows that needed the fallback and timings in seconds.
 
