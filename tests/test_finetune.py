@@ -252,14 +252,21 @@ def test_training_lowers_the_loss_and_writes_the_layout(trained: Any) -> None:
     assert [c.step for c in result.checkpoints] == sorted(c.step for c in result.checkpoints)
     for c in result.checkpoints:
         assert (Path(c.path) / "adapter_config.json").is_file()
-    listing = json.loads((out / "checkpoints.json").read_text())
-    assert listing["config_hash"] == cfg.hash and len(listing["adapters"]) == len(names)
-    assert (out / "config.sha256").read_text().strip() == cfg.hash
-    # a finished run returns its stored result without training again
     from replandscape.stages import finetune
 
+    listing = json.loads((out / "checkpoints.json").read_text())
+    assert listing["config_hash"] == cfg.hash and len(listing["adapters"]) == len(names)
+    assert listing["stage_hash"] == finetune.stage_hash(cfg) == result.stage_hash
+    assert (out / "config.sha256").read_text().strip() == cfg.hash
+    # a finished run returns its stored result without training again, also to a config that
+    # differs only where fine-tuning does not look (another analysis, another cluster)
     again = finetune.run(cfg)
     assert again == result
+    elsewhere = cfg.replace(analysis=dataclasses.replace(cfg.analysis, z=2.5),
+                            cluster=dataclasses.replace(cfg.cluster, timeout_min=7))
+    assert elsewhere.hash != cfg.hash
+    assert finetune.run(elsewhere) == result
+    assert len(read_log(cfg.output_dir)) == result.total_steps  # nothing trained again
 
 
 def _hidden_states(model: Any, texts: list[str], tokenizer: Any) -> Any:

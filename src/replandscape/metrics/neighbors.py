@@ -393,8 +393,8 @@ class _NumpyBackend:
         dtype = X.dtype.type
         half_sq = (sq * 0.5).astype(dtype)[None, :]
         # fresh arrays rather than kept scratch memory: freed after the call, their pages serve
-        # the estimators' own allocations that follow (faulting in never-used pages costs about
-        # a second per GB in some virtual machines)
+        # the estimators' own allocations that follow (faulting in pages the process never had
+        # costs about 2 s per GB on some virtual machines; see replandscape.allocator)
         cand = np.empty((N, n_keep), dtype=np.int64)
         ckey = np.empty((N, n_keep), dtype=dtype)
         nxt = np.full(N, np.inf, dtype=X.dtype)

@@ -8,12 +8,16 @@ the environment (:mod:`replandscape.dist.torchdist`); this module knows nothing 
 
 Output layout under ``<run.output_dir>/finetune/``::
 
-    config.yaml, config.sha256     the resolved config and its hash (a resume must match it)
+    config.yaml, config.sha256     the resolved config and its hash (provenance)
+    stage.sha256                   what identifies this run: data, prompt seed and BOS, model,
+                                   fine-tuning settings and run seed (a resume or a re-run must
+                                   match it; analysis, figures or cluster settings may change)
     train_log.jsonl                one line per optimiser step: step, epoch, loss, lr, tokens,
                                    seconds (this step), elapsed_s; val_accuracy on eval steps
     adapter-step000012/            LoRA adapter (PEFT format) at log-spaced steps (last included)
     adapter-final/                 LoRA adapter at the end of training
-    checkpoints.json               {"config_hash", "total_steps", "adapters": [{name, step, path}]}
+    checkpoints.json               {"config_hash", "stage_hash", "total_steps",
+                                    "adapters": [{name, step, path}]}
     ds/step000010/                 the latest DeepSpeed checkpoint (every save_every steps), with
                                    per-rank RNG states; ds/resume.json points at it (removed once
                                    the run has finished)
@@ -27,6 +31,7 @@ optimiser, scheduler and RNG states are restored.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -54,6 +59,7 @@ RESULT_FILE = "result.json"
 CHECKPOINTS_FILE = "checkpoints.json"
 TRAIN_LOG = "train_log.jsonl"
 RESUME_FILE = "resume.json"
+STAGE_STAMP = "stage.sha256"
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +99,7 @@ class FinetuneResult:
     test_per_subject: dict[str, float]
     checkpoints: tuple[AdapterCheckpoint, ...]
     resumed_from_step: int | None = None
+    stage_hash: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -110,6 +117,16 @@ class FinetuneResult:
 # --------------------------------------------------------------------------------------------
 # pure helpers
 # --------------------------------------------------------------------------------------------
+
+
+def stage_hash(cfg: ExperimentConfig) -> str:
+    """Identity of a fine-tuning run: only what changes its adapters and their evaluation, so a
+    config that differs in its analysis, figures, extraction or cluster settings reuses it."""
+    d = cfg.to_dict()
+    key = {"data": d["data"],
+           "prompts": {"seed": d["prompts"]["seed"], "add_bos": d["prompts"]["add_bos"]},
+           "model": d["model"], "finetune": d["finetune"], "seed": d["run"]["seed"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -298,6 +315,7 @@ class LoraFinetuner:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+        self.stage_hash = stage_hash(cfg)
         f = cfg.finetune
         self.info = torchdist.rank_info()
         self.out = cfg.output_dir / STAGE_DIR
@@ -339,12 +357,15 @@ class LoraFinetuner:
     # ---------------------------------------------------------------------------- set-up
 
     def _check_output_folder(self) -> None:
-        stored = self.out / "config.sha256"
-        if stored.is_file():
-            old = stored.read_text().strip()
-            if old != self.cfg.hash:
+        stamp, mine = self.out / STAGE_STAMP, self.stage_hash
+        if not stamp.is_file():  # a folder written before stage stamps: the whole config
+            stamp, mine = self.out / "config.sha256", self.cfg.hash
+        if stamp.is_file():
+            old = stamp.read_text().strip()
+            if old != mine:
                 raise UserError(f"the folder holds a fine-tuning run of another config (hash "
-                                f"{old[:12]}, this config {self.cfg.hash[:12]})", file=str(self.out),
+                                f"{old[:12]}, this config {mine[:12]}; data, prompts, model, "
+                                f"finetune or run.seed differ)", file=str(self.out),
                                 key="run.output_dir",
                                 fix="use a new run.output_dir, or delete the folder to start over")
 
@@ -479,6 +500,7 @@ class LoraFinetuner:
         if is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(self.cfg, self.out)
+            write_text_atomic(self.out / STAGE_STAMP, self.stage_hash + "\n")
         torchdist.barrier()
         self._maybe_resume()
         adapter_steps = set(log_spaced_steps(self.total_steps, f.log_checkpoints))
@@ -534,7 +556,8 @@ class LoraFinetuner:
         test_acc, per_subject = self.evaluate(test_questions)
         result = FinetuneResult(
             output_dir=str(self.out), adapter_dir=str(self.out / FINAL_ADAPTER),
-            config_hash=self.cfg.hash, total_steps=step, train_samples=len(self.samples),
+            config_hash=self.cfg.hash, stage_hash=self.stage_hash, total_steps=step,
+            train_samples=len(self.samples),
             train_subjects=len({s.subject for s in self.samples}),
             effective_batch=f.effective_batch, world_size=self.info.world_size,
             zero_stage=self.zero_stage, final_loss=self.state.last_loss,
@@ -653,7 +676,8 @@ class LoraFinetuner:
             shutil.rmtree(tmp, ignore_errors=True)
             self.engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             (tmp / "finetune.json").write_text(json.dumps(
-                {"step": step, "config_hash": self.cfg.hash, "base_model": self.model_path}) + "\n")
+                {"step": step, "config_hash": self.cfg.hash, "stage_hash": self.stage_hash,
+                 "base_model": self.model_path}) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             entries = [c for c in self._read_checkpoints() if c.name != name]
@@ -672,7 +696,8 @@ class LoraFinetuner:
 
     def _write_checkpoints(self, entries: Sequence[AdapterCheckpoint]) -> None:
         _write_json(self.out / CHECKPOINTS_FILE, {
-            "config_hash": self.cfg.hash, "total_steps": self.total_steps,
+            "config_hash": self.cfg.hash, "stage_hash": self.stage_hash,
+            "total_steps": self.total_steps,
             "adapters": [dataclasses.asdict(c) for c in entries]})
 
     def save_resume_checkpoint(self) -> Path:
@@ -685,7 +710,7 @@ class LoraFinetuner:
         client_state = {"replandscape": {
             "step": self.state.step, "tokens": self.state.tokens,
             "elapsed_s": self.state.elapsed_s, "last_loss": self.state.last_loss,
-            "val_history": self.state.val_history, "config_hash": self.cfg.hash}}
+            "val_history": self.state.val_history, "stage_hash": self.stage_hash}}
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client_state,
                                     save_latest=False, exclude_frozen_parameters=True)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -695,7 +720,7 @@ class LoraFinetuner:
         torchdist.barrier()
         if self.info.is_main:
             _write_json(ds_dir / RESUME_FILE, {"tag": tag, "step": self.state.step,
-                                               "config_hash": self.cfg.hash,
+                                               "stage_hash": self.stage_hash,
                                                "world_size": self.info.world_size})
             for old in ds_dir.glob("step*"):
                 if old.name != tag and old.is_dir():
@@ -712,7 +737,7 @@ class LoraFinetuner:
             self._truncate_logs(0)
             return
         info = json.loads(pointer.read_text())
-        if info.get("config_hash") != self.cfg.hash:
+        if info.get("stage_hash") != self.stage_hash:
             raise UserError("the resume checkpoint was written by another config",
                             file=str(pointer), key="run.output_dir",
                             fix="use a new run.output_dir, or delete the folder to start over")
@@ -765,7 +790,7 @@ def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    if data.get("config_hash") != cfg.hash or not Path(data.get("adapter_dir", "")).is_dir():
+    if data.get("stage_hash") != stage_hash(cfg) or not Path(data.get("adapter_dir", "")).is_dir():
         return None
     return FinetuneResult.from_json(data)
 
