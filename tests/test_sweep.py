@@ -85,10 +85,11 @@ def test_unknown_partition_is_refused(slurm_cluster: object, tmp_path: Path) -> 
 @pytest.mark.slurm
 def test_outputs_of_another_config_are_refused(slurm_cluster: object, tmp_path: Path) -> None:
     cfg = _small(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "config.sha256").write_text("0" * 64 + "\n")
+    (tmp_path / "out" / "finetune").mkdir(parents=True)
+    (tmp_path / "out" / "finetune" / "stage.sha256").write_text("0" * 64 + "\n")
     line = one_line_error(cli("submit", str(cfg), *SLURM))
-    assert "different config" in line
+    assert "another config" in line and "finetune" in line
+    assert not (tmp_path / "out" / "sweep-t.json").exists()
 
 
 @pytest.mark.slurm
@@ -124,6 +125,11 @@ def test_small_sweep_runs_end_to_end_as_real_jobs(slurm_cluster: object, tmp_pat
     # submitting again skips every complete output and queues nothing
     again = cli("submit", str(sweep_file), *SLURM, "--dry-run")
     assert again.stdout.count("complete: skipped") == 4
+    # other analysis parameters: extraction and fine-tuning are reused, the analysis is not
+    other = cli("submit", str(sweep_file), *SLURM, "analysis.z=2.5", "--dry-run")
+    assert other.returncode == 0, other.stderr
+    skipped = [ln for ln in other.stdout.splitlines() if "complete: skipped" in ln]
+    assert len(skipped) == 3 and not any("analyze" in ln for ln in skipped), other.stdout
     resubmit = cli("submit", str(sweep_file), *SLURM)
     assert resubmit.returncode == 0 and "submitted 1 job(s)" in resubmit.stdout  # figures only
 

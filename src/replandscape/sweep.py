@@ -238,9 +238,9 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             jobs.append(eft)
             deps.append(eft.key)
         results = out / "analysis" / "results.json"
-        an_done = results.is_file() and all(results.stat().st_mtime >= Path(o).stat().st_mtime
-                                            for j in jobs if j.key in deps for o in j.outputs
-                                            if Path(o).exists()) and all(
+        an_done = _results_current(results, cfg) and all(
+            results.stat().st_mtime >= Path(o).stat().st_mtime
+            for j in jobs if j.key in deps for o in j.outputs if Path(o).exists()) and all(
             j.done for j in jobs if j.key in deps)
         analyze = _job(cfg, exp, "analyze", f"{name}/analyze", gpus=0,
                        ranks=cfg.analysis.ranks, depends_on=tuple(deps),
@@ -263,6 +263,19 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             done.discard(job.key)
         job.depends_on = tuple(d for d in job.depends_on if d not in done)
     return jobs
+
+
+def _results_current(path: Path, cfg: ExperimentConfig) -> bool:
+    """Whether an analysis results file exists and was computed with this config's parameters."""
+    if not path.is_file():
+        return False
+    from replandscape.results import params_hash, read_results
+    from replandscape.stages.analyze import analysis_params
+
+    try:
+        return read_results(path).params_hash == params_hash(analysis_params(cfg.analysis))
+    except UserError:
+        return False
 
 
 def _complete_h5(path: Path) -> bool:
@@ -297,10 +310,14 @@ def check_partition(partition: str, where: str) -> None:
 
 
 def check_outputs_free(sweep: Sweep) -> None:
-    """Refuse to write over outputs made with another config (two sweeps, one output root)."""
+    """Refuse, before anything is queued, outputs that a stage of another config wrote (two
+    sweeps, one output root): the stage would refuse them inside its job. Each stage's outputs
+    are identified by what changes them, so a sweep that differs only in its analysis, figures
+    or cluster settings reuses the extraction and the fine-tuning."""
+    from replandscape.stages import extract, finetune
+
     for exp in sweep.experiments:
-        stamp = exp.cfg.output_dir / "config.sha256"
-        if stamp.is_file() and stamp.read_text().strip() != exp.cfg.hash:
-            raise UserError("the output folder holds results of a different config",
-                            file=str(exp.cfg.output_dir), key="run.output_dir",
-                            fix="choose another sweep.output_root or run.output_dir")
+        for condition in extract.shot_conditions(exp.cfg):
+            extract.existing_output(exp.cfg, condition)
+        if exp.cfg.finetune.enabled:
+            finetune.check_output_folder(exp.cfg)

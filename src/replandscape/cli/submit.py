@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         sweep = single_experiment(args.file, args.overrides)
     if args.dry_run:
-        from replandscape.sweep import plan_sweep
+        from replandscape.sweep import check_outputs_free, plan_sweep
 
+        check_outputs_free(sweep)  # what would be refused is not shown as complete
         jobs = plan_sweep(sweep)
         cluster = sweep.experiments[0].cfg.cluster
         print(f"sweep {sweep.name}: {len(jobs)} job(s) on '{cluster.name}' "

@@ -357,17 +357,7 @@ class LoraFinetuner:
     # ---------------------------------------------------------------------------- set-up
 
     def _check_output_folder(self) -> None:
-        stamp, mine = self.out / STAGE_STAMP, self.stage_hash
-        if not stamp.is_file():  # a folder written before stage stamps: the whole config
-            stamp, mine = self.out / "config.sha256", self.cfg.hash
-        if stamp.is_file():
-            old = stamp.read_text().strip()
-            if old != mine:
-                raise UserError(f"the folder holds a fine-tuning run of another config (hash "
-                                f"{old[:12]}, this config {mine[:12]}; data, prompts, model, "
-                                f"finetune or run.seed differ)", file=str(self.out),
-                                key="run.output_dir",
-                                fix="use a new run.output_dir, or delete the folder to start over")
+        check_output_folder(self.cfg)
 
     def setup(self) -> None:
         """Process group, tokenizer, samples, LoRA model and the DeepSpeed engine."""
@@ -783,6 +773,21 @@ class LoraFinetuner:
             self.engine.destroy()
         self.engine = None
         self.model = None
+
+
+def check_output_folder(cfg: ExperimentConfig) -> None:
+    """Refuse a fine-tuning folder that a run of another config wrote."""
+    out = cfg.output_dir / STAGE_DIR
+    stamp, mine = out / STAGE_STAMP, stage_hash(cfg)
+    if not stamp.is_file():  # a folder written before stage stamps: the whole config
+        stamp, mine = out / "config.sha256", cfg.hash
+    if stamp.is_file():
+        old = stamp.read_text().strip()
+        if old != mine:
+            raise UserError(f"the folder holds a fine-tuning run of another config (hash "
+                            f"{old[:12]}, this config {mine[:12]}; data, prompts, model, "
+                            f"finetune or run.seed differ)", file=str(out), key="run.output_dir",
+                            fix="use a new run.output_dir, or delete the folder to start over")
 
 
 def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
