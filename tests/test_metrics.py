@@ -91,6 +91,28 @@ def assert_close_rel(a: Any, b: Any, rtol: float = 1e-6) -> None:
 # neighbour engine
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_blas_candidate_writes_products_into_strided_blocks(dtype: type) -> None:
+    from replandscape.metrics import blas
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((300, 70)).astype(dtype)
+    candidates = blas._openblas_candidates(dtype)
+    # the environment's scipy bundles an OpenBLAS whose cblas the engine can call
+    assert any("scipy" in label for label, _ in candidates), candidates
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    for label, product in [*candidates, ("chosen", blas.product_nt)]:
+        full = np.zeros((300, 300), dtype=dtype)
+        product(X[40:130], X[200:290], full[40:130, 200:290])  # rows of a larger matrix
+        np.testing.assert_allclose(full[40:130, 200:290], X[40:130] @ X[200:290].T,
+                                   rtol=tol, atol=tol, err_msg=label)
+        assert np.count_nonzero(full) == 90 * 90, label  # nothing written outside the block
+        # column slices (non-contiguous rows) and other dtypes go through numpy
+        np.testing.assert_allclose(product(X[:5, ::2], X[:7, ::2], None), X[:5, ::2] @ X[:7, ::2].T,
+                                   rtol=tol, atol=tol, err_msg=label)
+    assert blas.chosen_library(dtype) in {"numpy matmul", *(label for label, _ in candidates)}
+
+
 @pytest.mark.parametrize("strategy", ["float32", "float64", "auto"])
 @pytest.mark.parametrize(("n", "dim", "k"), [(1200, 64, 100), (400, 300, 150), (150, 8, 149)])
 def test_exact_knn_equals_sklearn_float64_brute_force(

@@ -59,6 +59,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from replandscape.metrics.blas import chosen_library, product_nt
+
 Device = Literal["cpu", "torch", "cuda", "auto"]
 Strategy = Literal["auto", "float32", "float64"]
 
@@ -364,8 +366,8 @@ class _BufferPool:
 
 
 class _NumpyBackend:
-    """Matrix products through numpy's BLAS, spread over threads; threads capped with
-    threadpoolctl."""
+    """Matrix products on the CPU through the fastest BLAS loaded in the process
+    (:mod:`replandscape.metrics.blas`), spread over threads; threads capped with threadpoolctl."""
 
     name = "numpy"
     seconds: dict[str, float]  # the last call's products and selection, when stored apart
@@ -423,7 +425,7 @@ class _NumpyBackend:
                 for j0 in starts[a:]:
                     j1 = min(j0 + block_rows, N)
                     out = full[i0:i1, j0:j1]
-                    np.matmul(X[i0:i1], X[j0:j1].T, out=out)
+                    product_nt(X[i0:i1], X[j0:j1], out)
                     if j0 != i0:
                         _copy_transposed(out, full[j0:j1, i0:i1])
 
@@ -442,7 +444,7 @@ class _NumpyBackend:
                 i1 = min(i0 + block_rows, N)
                 with buffers.take() as buf:
                     keys = buf[: i1 - i0]
-                    np.matmul(X[i0:i1], X.T, out=keys)
+                    product_nt(X[i0:i1], X, keys)
                     select(keys, i0)
 
             _run_parallel(block, starts, workers)
@@ -465,7 +467,7 @@ class _NumpyBackend:
             right = X[cols]
         else:
             right = np.take(X, cols, axis=0, out=buffer[: cols.size])
-        return X[rows] @ right.T
+        return product_nt(X[rows], right)
 
     @contextlib.contextmanager
     def limit_threads(self, threads: int | None) -> Iterator[None]:
@@ -599,8 +601,9 @@ def exact_knn(
         k: neighbours per point, ``1 <= k <= N - 1``.
         block_rows: rows per block of matrix products.
         threads: cap on BLAS, OpenMP and torch threads during the call (None: leave them).
-        device: ``"cpu"`` (numpy's BLAS), ``"torch"`` (torch on the CPU), ``"cuda"`` (torch on
-            the GPU) or ``"auto"`` (CUDA when torch sees one, else numpy).
+        device: ``"cpu"`` (the fastest BLAS loaded, see :mod:`replandscape.metrics.blas`),
+            ``"torch"`` (torch on the CPU), ``"cuda"`` (torch on the GPU) or ``"auto"`` (CUDA
+            when torch sees one, else the CPU).
         strategy: ``"float32"`` (float32 candidates, float64 re-ranking), ``"float64"`` (one
             exhaustive float64 pass) or ``"auto"`` (the cheaper of the two, estimated from the
             candidate sets of a few hundred rows; see the module docstring).
@@ -663,6 +666,8 @@ def exact_knn(
     with backend.limit_threads(threads):
         workers = _blas_threads() if backend.name == "numpy" else 1
         extra["workers"] = workers
+        if backend.name == "numpy":
+            extra["blas"] = chosen_library(np.float64)
         if not fits:
             # without a stored matrix each thread holds [block_rows, N] keys: keep them in budget
             block_rows = max(16, min(block_rows, int(memory_limit_gb * 2**30) // (8 * N * workers)))
@@ -772,7 +777,7 @@ def _pilot_union_fraction(Xc: np.ndarray, sq64: np.ndarray, n_cand: int) -> floa
     seed_row = int(np.random.default_rng(0).integers(N))
     keys = sq64 - 2.0 * (Xc @ Xc[seed_row])
     block = np.argsort(keys)[:_RERANK_ROWS]
-    g = Xc[block] @ Xc.T
+    g = product_nt(Xc[block], Xc)
     g *= -2.0
     g += sq64[None, :]
     part = np.argpartition(g, n_cand - 1, axis=1)[:, :n_cand]

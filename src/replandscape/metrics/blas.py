@@ -1,0 +1,161 @@
+"""The fastest matrix product ``a @ b.T`` among the BLAS libraries loaded in this process.
+
+A Python environment often holds more than one BLAS: numpy's and scipy's wheels each bundle an
+OpenBLAS, of different releases. An older OpenBLAS may not recognise a newer CPU and fall back to
+generic kernels: on the project's machine (an AVX-512 Xeon) numpy 1.26's OpenBLAS 0.3.23 runs as
+"Prescott" at a third of the speed of scipy's OpenBLAS 0.3.30 ("SkylakeX"), which scikit-learn,
+and so DADApy's default neighbour search, already uses. The neighbour engine's cost is its
+matrix products, so it takes them from whichever library is fastest here.
+
+Candidates are numpy's ``matmul`` and every loaded OpenBLAS whose ``cblas_?gemm`` can be found
+(``cblas_dgemm``, ``scipy_cblas_dgemm``, with the ``64_`` suffix of 64-bit-integer builds). A
+candidate is called through ctypes, which releases the GIL for the call, so worker threads run
+products side by side, and writes straight into a strided block of a larger array. Each is
+checked against ``matmul`` and timed once per process and dtype, single-threaded as the engine
+calls it; the fastest is kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+_PREFIXES = ("", "scipy_")
+_SUFFIXES = ("", "64_")
+
+Product = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def _numpy_product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        return a @ b.T
+    return np.matmul(a, b.T, out=out)
+
+
+def _rows_contiguous(x: np.ndarray) -> bool:
+    return x.ndim == 2 and (x.shape[1] <= 1 or x.strides[1] == x.itemsize) and (
+        x.strides[0] % x.itemsize == 0 and x.strides[0] >= x.shape[1] * x.itemsize
+    )
+
+
+class _Cblas:
+    """``out = a @ b.T`` through one library's ``cblas_?gemm`` (row-major; leading dimensions
+    from the arrays' strides)."""
+
+    def __init__(self, label: str, fn: Any, int_type: Any, dtype: type) -> None:
+        self.label = label
+        self.dtype: np.dtype[Any] = np.dtype(dtype)
+        real = ctypes.c_double if self.dtype == np.float64 else ctypes.c_float
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_type, int_type, int_type,
+                       real, ctypes.c_void_p, int_type, ctypes.c_void_p, int_type, real,
+                       ctypes.c_void_p, int_type]
+        self._fn = fn
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        m, k = a.shape
+        n = b.shape[0]
+        if out is None:
+            out = np.empty((m, n), dtype=self.dtype)
+        usable = (a.dtype == b.dtype == out.dtype == self.dtype and b.shape[1] == k
+                  and out.shape == (m, n) and all(map(_rows_contiguous, (a, b, out))))
+        if not usable:
+            return _numpy_product(a, b, out)
+        if m == 0 or n == 0:
+            return out
+        if k == 0:
+            out[...] = 0
+            return out
+        size = self.dtype.itemsize
+        self._fn(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, a.ctypes.data,
+                 max(1, a.strides[0] // size), b.ctypes.data, max(1, b.strides[0] // size), 0.0,
+                 out.ctypes.data, max(1, out.strides[0] // size))
+        return out
+
+
+def _openblas_candidates(dtype: type) -> list[tuple[str, Product]]:
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that it is found below)
+
+    found: list[tuple[str, Product]] = []
+    letter = "d" if np.dtype(dtype) == np.float64 else "s"
+    for lib in threadpool_info():
+        if lib.get("internal_api") != "openblas":
+            continue
+        try:
+            handle = ctypes.CDLL(lib["filepath"])
+        except OSError:
+            continue
+        for prefix in _PREFIXES:
+            for suffix in _SUFFIXES:
+                fn = getattr(handle, f"{prefix}cblas_{letter}gemm{suffix}", None)
+                config = getattr(handle, f"{prefix}openblas_get_config{suffix}", None)
+                if fn is None or config is None:
+                    continue
+                config.restype = ctypes.c_char_p
+                wide = b"USE64BITINT" in (config() or b"")
+                label = (f"openblas {lib.get('version')} {lib.get('architecture')} "
+                         f"({lib['filepath'].rsplit('/', 1)[-1]})")
+                found.append((label, _Cblas(label, fn, ctypes.c_int64 if wide else ctypes.c_int32,
+                                            dtype)))
+    return found
+
+
+_CHOSEN: dict[str, tuple[str, Product]] = {}
+_LOCK = threading.Lock()  # the engine's worker threads may ask first at the same time
+
+
+def _choose(dtype: type) -> tuple[str, Product]:
+    """Check and time every candidate once (single-threaded, as the engine calls them)."""
+    rng = np.random.default_rng(0)
+    a: np.ndarray = rng.standard_normal((384, 1024)).astype(dtype)
+    b: np.ndarray = rng.standard_normal((384, 1024)).astype(dtype)
+    tol = 1e-10 if np.dtype(dtype) == np.float64 else 1e-3
+    candidates: list[tuple[str, Product]] = [("numpy matmul", _numpy_product)]
+    candidates += _openblas_candidates(dtype)
+    best: tuple[float, str, Product] | None = None
+    with threadpool_limits(limits=1, user_api="blas"):
+        reference = a @ b.T
+        for label, product in candidates:
+            try:
+                got = product(a, b, np.empty_like(reference))
+            except (OSError, ValueError, TypeError):
+                continue
+            if not np.allclose(got, reference, rtol=tol, atol=tol * 32):
+                continue
+            seconds = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                product(a, b, got)
+                seconds.append(time.perf_counter() - t0)
+            if best is None or min(seconds) < best[0]:
+                best = (min(seconds), label, product)
+    assert best is not None  # numpy's matmul always qualifies
+    return best[1], best[2]
+
+
+def product_nt(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b.T`` (into ``out`` when given) with the fastest BLAS loaded here, for float32 or
+    float64 arrays whose rows are contiguous; anything else goes through numpy."""
+    if a.dtype not in (np.float32, np.float64):
+        return _numpy_product(a, b, out)
+    chosen = _CHOSEN.get(a.dtype.str)
+    if chosen is None:
+        chosen_library(a.dtype.type)
+        chosen = _CHOSEN[a.dtype.str]
+    return chosen[1](a, b, out)
+
+
+def chosen_library(dtype: type = np.float64) -> str:
+    """Which library :func:`product_nt` uses for ``dtype`` (chosen on first use)."""
+    key = np.dtype(dtype).str
+    with _LOCK:
+        if key not in _CHOSEN:
+            _CHOSEN[key] = _choose(np.dtype(dtype).type)
+    return _CHOSEN[key][0]
