@@ -160,3 +160,14 @@ def test_subsample_is_balanced_fixed_and_stored(extracted: Path, tmp_path: Path)
     stored = data["runs"]["tiny/shots0"]["subsample"]
     assert stored["n"] == len(stored["question_ids"]) == data["rows"][1]["n_subsampled"]
     assert stored == data["runs"]["tiny/shots2"]["subsample"]  # the same questions per condition
+    # each measured site's per-point arrays: which question fell in which peak
+    measured = [r for r in data["rows"] if not r.get("skipped")]
+    assert measured and all(r["points"] == f"points/{r['run'].replace('/', '_')}__{r['site']}.npz"
+                            for r in measured)
+    for row in measured:
+        points = np.load(tmp_path / "out" / "analysis" / row["points"])
+        n = row["n_points"]
+        assert points["question_id"].shape == points["assignment"].shape == (n,)
+        assert set(points["question_id"].tolist()) <= set(stored["question_ids"])
+        assert np.bincount(points["assignment"]).tolist() == row["peaks"]["sizes"]
+        assert np.mean(points["assignment_halo"] != -1) == pytest.approx(row["core_fraction"])

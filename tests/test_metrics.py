@@ -63,8 +63,13 @@ def dadapy_reference(X: np.ndarray, params: GeometryParams) -> dict[str, Any]:
     data.compute_density_kNN(k=params.density_k)
     assignment = np.array(data.compute_clustering_ADP(Z=params.Z, halo=False))
     n_clusters = data.N_clusters
+    centers, bord = list(data.cluster_centers), np.array(data.log_den_bord)
     halo = np.array(data.compute_clustering_ADP(Z=params.Z, halo=True))
     return {
+        "log_den": np.array(data.log_den),
+        "centers": centers,
+        "log_den_bord": bord,
+        "halo": halo,
         "id_twonn": twonn,
         "id_gride": np.asarray(ids),
         "assignment": assignment,
@@ -305,6 +310,34 @@ def test_fast_engine_equals_dadapy_default_path(computed: dict[str, Any], name: 
     np.testing.assert_array_equal(res.assignment, ref["assignment"])
     assert res.n_peaks == ref["n_peaks"]
     assert res.core_fraction == ref["core_fraction"]
+    np.testing.assert_array_equal(res.assignment_halo, ref["halo"])
+    np.testing.assert_allclose(res.log_density, ref["log_den"], rtol=1e-9, atol=1e-12)
+    assert res.peaks["centers"] == ref["centers"]
+    assert res.peaks["sizes"] == np.bincount(ref["assignment"]).tolist()
+    for i, j, value in res.peaks["saddles"]:
+        assert value == pytest.approx(ref["log_den_bord"][i, j], rel=1e-9)
+    np.testing.assert_array_equal(res.kept_rows, np.arange(len(X)))
+
+
+def test_saddles_join_bordering_peaks_only() -> None:
+    # three clusters in a row and one far away: saddles 0-1 and 1-2, none with the far one
+    rng = np.random.default_rng(0)
+    centres = [[0.0, 0.0], [4.0, 0.0], [8.0, 0.0], [30.0, 30.0]]
+    X = np.vstack([rng.normal(size=(300, 2)) + c for c in centres])
+    res = compute_geometry(X, {}, GeometryParams(maxk=100))
+    assert res.n_peaks == 4
+    truth = np.repeat(np.arange(4), 300)
+    assert adjusted_rand_score(truth, res.assignment) > 0.9  # the near clusters overlap a little
+    # peak p holds mostly points of centre order[p]
+    order = [int(np.bincount(truth[res.assignment == p]).argmax()) for p in range(4)]
+    pairs = {tuple(sorted((order[i], order[j]))) for i, j, _ in res.peaks["saddles"]}
+    assert pairs == {(0, 1), (1, 2)}
+    for i, j, value in res.peaks["saddles"]:
+        assert value < min(res.peaks["log_density"][i], res.peaks["log_density"][j])
+    assert sum(res.peaks["sizes"]) == len(X)
+    assert res.log_density.shape == (len(X),) and np.isfinite(res.log_density).all()
+    centre_density = res.log_density[res.peaks["centers"]]
+    np.testing.assert_array_equal(centre_density, res.peaks["log_density"])
 
 
 def test_engine_dadapy_gives_the_same_result(computed: dict[str, Any]) -> None:
@@ -489,6 +522,8 @@ def test_cli_writes_json(tmp_path: Any) -> None:
             "100",
             "--json",
             str(out),
+            "--points",
+            str(tmp_path / "points.npz"),
         ]
     )
     assert rc == 0
@@ -509,6 +544,12 @@ def test_cli_writes_json(tmp_path: Any) -> None:
     assert got["n_peaks"] == 2 and set(got["ari"]) == {"subject", "answer"}
     assert got["ari"]["subject"] == pytest.approx(1.0)
     assert math.isfinite(got["id"])
+    assert len(got["peaks"]["sizes"]) == 2 and sum(got["peaks"]["sizes"]) == len(X)
+    points = np.load(tmp_path / "points.npz")
+    assert set(points.files) == {"kept_rows", "assignment", "assignment_halo", "log_density"}
+    np.testing.assert_array_equal(points["kept_rows"], np.arange(len(X)))
+    assert adjusted_rand_score(labels, points["assignment"]) == pytest.approx(1.0)
+    assert np.mean(points["assignment_halo"] != -1) == pytest.approx(got["core_fraction"])
 
 
 @pytest.mark.parametrize(

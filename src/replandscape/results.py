@@ -25,11 +25,14 @@ Layout (``schema_version`` 1)::
          "n_points": 300, "n_duplicates": 0,
          "id_twonn": 7.1, "id_gride": [..6 scales..], "id_gride_ranks": [1, 2, 4, 8, 16, 32], "id": 9.2,
          "n_peaks": 4, "core_fraction": 0.61,
+         "peaks": {"sizes": [...], "centers": [...], "log_density": [...],   # ADP without halo
+                   "saddles": [[i, j, log_density], ...]},                  # bordering peaks, i < j
          "ari": {"subject": 0.3, "answer": 0.01},
          "overlap": {"subject": 0.5, "answer": 0.3},
          "dendrogram": null | {"linkage": [[...4 floats...]...], "leaf_labels": [...], "peak_sizes": [...]},
-         "seconds": 1.2}
-      ]
+         "seconds": {...}, "seconds_total": 1.2,
+         "points": "points/RUN__SITE.npz"}   # beside this file: question_id, assignment,
+      ]                                      # assignment_halo, log_density per analysed point
     }
 """
 

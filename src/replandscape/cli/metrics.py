@@ -1,16 +1,20 @@
 """``replandscape metrics``: the geometry metrics of one array of representations.
 
     replandscape metrics X.npy [--labels NAME=FILE.npy ...] [--maxk K] [--range-max R] [--z Z]
-        [--engine fast|dadapy] [--threads T] [--dendrogram] [--json OUT]
+        [--engine fast|dadapy] [--threads T] [--dendrogram] [--json OUT] [--points OUT.npz]
 
 Prints (or writes to OUT) a JSON object with n_points, n_duplicates, id_twonn, id_gride,
-id_gride_ranks, id, n_peaks, core_fraction, ari, overlap, dendrogram, seconds and the parameters
-used. Useful to check one layer by hand; the analysis stage runs the same function per site.
+id_gride_ranks, id, n_peaks, core_fraction, peaks (sizes, centres, log-densities, saddles), ari,
+overlap, dendrogram, seconds and the parameters used. ``--points`` saves the per-point arrays:
+kept_rows (the input row of each analysed point, duplicates removed), assignment,
+assignment_halo and log_density. Useful to check one layer by hand; the analysis stage runs the
+same function per site.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -88,6 +92,14 @@ def register(subparsers: Any) -> None:
         metavar="OUT",
         help="write the JSON here instead of standard output",
     )
+    parser.add_argument(
+        "--points",
+        type=Path,
+        default=None,
+        metavar="OUT.npz",
+        help="also save the per-point arrays (kept_rows, assignment, assignment_halo, "
+        "log_density) here",
+    )
     parser.set_defaults(func=run)
 
 
@@ -145,12 +157,21 @@ def run(args: argparse.Namespace) -> int:
     out = result.to_json_dict()
     out["params"] = params_to_dict(params)
     text = json.dumps(out, indent=2)
+    if args.points is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **result.point_arrays())
+        _write(args.points, buf.getvalue(), "the per-point arrays")
     if args.json is None:
         sys.stdout.write(text + "\n")
     else:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write the JSON ({exc.strerror})", file=str(args.json)) from exc
+        _write(args.json, (text + "\n").encode(), "the JSON")
     return 0
+
+
+def _write(path: Path, data: bytes, what: str) -> None:
+    from replandscape.atomic import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} ({exc.strerror})", file=str(path)) from exc

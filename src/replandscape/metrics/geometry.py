@@ -98,11 +98,19 @@ class GeometryResult:
         n_peaks: density peaks found by ADP without halo.
         core_fraction: share of points that are not halo (label != -1) in ADP with halo.
         assignment: ADP cluster of each analysed point, without halo (deduplicated order).
+        peaks: the density peaks of ADP without halo: ``sizes`` (points per peak),
+            ``centers`` (the analysed point at each peak), ``log_density`` (log-density at each
+            centre) and ``saddles``, one ``[i, j, log_density]`` per pair of peaks ``i < j``
+            that share a border (the saddle point's log-density; pairs without a border are
+            left out).
         ari: adjusted Rand index between ``assignment`` and each label array.
         overlap: label neighbourhood overlap of each label array.
         dendrogram: None, or ``linkage`` (scipy's rows as lists), ``leaf_labels`` and
             ``peak_sizes`` of the peaks larger than ``dendrogram_min_size``.
         seconds: wall time of each step.
+        kept_rows: the input row of each analysed point (duplicates removed).
+        log_density: kNN log-density of each analysed point, at ``id`` and ``density_k``.
+        assignment_halo: ADP cluster of each analysed point with halo (-1: halo).
     """
 
     n_points: int
@@ -114,13 +122,25 @@ class GeometryResult:
     n_peaks: int
     core_fraction: float
     assignment: np.ndarray
+    peaks: dict[str, Any]
     ari: dict[str, float]
     overlap: dict[str, float]
     dendrogram: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    kept_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    log_density: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    assignment_halo: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def to_json_dict(self, *, include_assignment: bool = False) -> dict[str, Any]:
-        """Plain JSON-ready values (the assignment only when asked: it has one entry per point)."""
+    def point_arrays(self) -> dict[str, np.ndarray]:
+        """The per-point arrays (one entry per analysed point), for ``numpy.savez``."""
+        return {"kept_rows": np.asarray(self.kept_rows, dtype=np.int64),
+                "assignment": np.asarray(self.assignment, dtype=np.int64),
+                "assignment_halo": np.asarray(self.assignment_halo, dtype=np.int64),
+                "log_density": np.asarray(self.log_density, dtype=np.float64)}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values of the summary (the per-point arrays are in
+        :meth:`point_arrays`)."""
         out: dict[str, Any] = {
             "n_points": int(self.n_points),
             "n_duplicates": int(self.n_duplicates),
@@ -130,13 +150,12 @@ class GeometryResult:
             "id": float(self.id),
             "n_peaks": int(self.n_peaks),
             "core_fraction": float(self.core_fraction),
+            "peaks": self.peaks,
             "ari": {k: float(v) for k, v in self.ari.items()},
             "overlap": {k: float(v) for k, v in self.overlap.items()},
             "dendrogram": self.dendrogram,
             "seconds": {k: float(v) for k, v in self.seconds.items()},
         }
-        if include_assignment:
-            out["assignment"] = [int(v) for v in self.assignment]
         return out
 
 
@@ -231,6 +250,23 @@ def _check_assignment(assignment: np.ndarray, n_clusters: int, what: str) -> Non
             f"DADApy ADP ({what}) returned cluster labels in [{a.min()}, {a.max()}] with "
             f"N_clusters = {n_clusters}; labels must lie in [-1, N_clusters) (DADApy issue 165)"
         )
+
+
+def _peaks(data: Any, Z: float) -> dict[str, Any]:
+    """Sizes, centres, log-densities and saddles of the peaks of the last ADP run of ``data``.
+
+    DADApy stores the saddle log-densities in an ``N_clusters x N_clusters`` matrix shifted by
+    ``min(log_den - Z log_den_err) - 1``: pairs that share no border hold exactly that shift
+    (zero before it), real saddles lie at least one above it, the diagonal one below.
+    """
+    log_den = np.asarray(data.log_den, dtype=np.float64)
+    shift = float(np.min(log_den - Z * np.asarray(data.log_den_err, dtype=np.float64))) - 1.0
+    bord = np.asarray(data.log_den_bord, dtype=np.float64)
+    centers = [int(c) for c in data.cluster_centers]
+    i, j = np.nonzero(np.triu(bord - shift > 0.5, k=1))
+    return {"sizes": [len(c) for c in data.cluster_indices], "centers": centers,
+            "log_density": [float(log_den[c]) for c in centers],
+            "saddles": [[int(a), int(b), float(bord[a, b])] for a, b in zip(i, j)]}
 
 
 def _codes(values: np.ndarray) -> np.ndarray:
@@ -388,12 +424,13 @@ def compute_geometry(
         assignment = np.array(data.compute_clustering_ADP(Z=params.Z, halo=False), dtype=np.int64)
         n_peaks = int(data.N_clusters)
         _check_assignment(assignment, n_peaks, "without halo")
+        peaks = _peaks(data, params.Z)
         peak_state = (
             [list(c) for c in data.cluster_indices],
             list(data.cluster_centers),
             np.array(data.log_den_bord, dtype=np.float64),
         )
-        with_halo = np.asarray(data.compute_clustering_ADP(Z=params.Z, halo=True))
+        with_halo = np.array(data.compute_clustering_ADP(Z=params.Z, halo=True), dtype=np.int64)
         _check_assignment(with_halo, int(data.N_clusters), "with halo")
         core_fraction = float(np.mean(with_halo != -1))
         seconds["clustering"] = time.perf_counter() - t0
@@ -449,8 +486,12 @@ def compute_geometry(
         n_peaks=n_peaks,
         core_fraction=core_fraction,
         assignment=assignment,
+        peaks=peaks,
         ari=ari,
         overlap=overlap,
         dendrogram=dendrogram,
         seconds=seconds,
+        kept_rows=np.asarray(kept, dtype=np.int64),
+        log_density=np.array(data.log_den, dtype=np.float64),
+        assignment_halo=with_halo,
     )

@@ -4,12 +4,15 @@ Serial (``replandscape run analyze CONFIG``) or under ``mpiexec``/``srun --mpi=p
 one site of one activation file; ranks take tasks dynamically, read only the site they work on, and
 write one small JSON per task (atomically), so a re-run skips finished tasks and an aborted job keeps
 what it had. Rank 0 then gathers the task files into ``analysis/results.json`` with the provenance of
-each run. The metrics themselves are pure functions (:mod:`replandscape.metrics.geometry`).
+each run. The per-point arrays of each task (question id, ADP cluster without and with halo, kNN
+log-density) go to ``analysis/points/TASK.npz``, named by the row's ``points`` entry. The metrics
+themselves are pure functions (:mod:`replandscape.metrics.geometry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -25,7 +28,7 @@ import numpy as np
 
 from replandscape import __version__
 from replandscape.allocator import retain_freed_memory
-from replandscape.atomic import write_text_atomic
+from replandscape.atomic import write_bytes_atomic, write_text_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
 from replandscape.errors import UserError
@@ -136,8 +139,9 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
 
 
 def load_site(task: Task, cfg: ExperimentConfig) -> tuple[np.ndarray, dict[str, np.ndarray],
-                                                          list[str]]:
-    """The subsampled [n, D] array of one site, its labels and the subject names."""
+                                                          list[str], np.ndarray]:
+    """The subsampled [n, D] array of one site, its labels, the subject names and the question
+    id of each row."""
     from replandscape.storage import open_activations
 
     with open_activations(task.path) as af:
@@ -149,7 +153,7 @@ def load_site(task: Task, cfg: ExperimentConfig) -> tuple[np.ndarray, dict[str, 
         x = af.site(task.site, rows)
     names = sorted(set(subjects[rows].tolist()))
     codes = np.asarray([names.index(s) for s in subjects[rows]], dtype=np.int64)
-    return x, {"subject": codes, "answer": answers[rows].astype(np.int64)}, names
+    return x, {"subject": codes, "answer": answers[rows].astype(np.int64)}, names, qids[rows]
 
 
 def all_identical(x: np.ndarray) -> bool:
@@ -158,16 +162,17 @@ def all_identical(x: np.ndarray) -> bool:
 
 
 def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool,
-             neighbours: Any = None) -> dict[str, Any]:
-    """Load one site, subsample, compute the geometry; returns the results row."""
+             neighbours: Any = None) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Load one site, subsample, compute the geometry; returns the results row and the
+    per-point arrays (None for a site with nothing to measure)."""
     from threadpoolctl import threadpool_limits
 
     from replandscape.metrics.geometry import compute_geometry
 
     t0 = time.perf_counter()
-    x, labels, names = load_site(task, cfg)
+    x, labels, names, qids = load_site(task, cfg)
     if all_identical(x):
-        return _degenerate_row(task, len(x), "all rows identical", time.perf_counter() - t0)
+        return _degenerate_row(task, len(x), "all rows identical", time.perf_counter() - t0), None
     params = geometry_params(cfg.analysis, dendrogram, threads)
     with threadpool_limits(limits=threads):
         result = compute_geometry(x, labels, params, label_names={"subject": names},
@@ -176,12 +181,15 @@ def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool,
     row.update(run=task.run, site=task.site, site_index=task.site_index,
                relative_depth=task.site_index / max(1, task.n_sites - 1),
                n_subsampled=int(len(x)), seconds_total=time.perf_counter() - t0)
-    return row
+    points = result.point_arrays()
+    points["question_id"] = np.asarray(qids, dtype=np.int64)[points.pop("kept_rows")]
+    return row, points
 
 
 def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -> Any:
     """One site with its neighbour search split over every rank by row blocks. Every rank calls
-    this; rank 0 runs the estimators and returns the row, the others return None."""
+    this; rank 0 runs the estimators and returns what :func:`run_task` returns, the others
+    return None."""
     from threadpoolctl import threadpool_limits
 
     from replandscape.metrics.neighbors import deduplicate
@@ -192,7 +200,7 @@ def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -
             return mpi.distributed_knn(comm, xu, k, threads, cfg.analysis.device)
 
         return run_task(task, cfg, threads, cfg.analysis.dendrogram, neighbours=search)
-    x, _, _ = load_site(task, cfg)
+    x = load_site(task, cfg)[0]
     if all_identical(x):
         return None
     xu = deduplicate(np.asarray(x, dtype=np.float64))[0]  # the same rows rank 0 searches
@@ -207,12 +215,25 @@ def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str
     return {"run": task.run, "site": task.site, "site_index": task.site_index,
             "relative_depth": task.site_index / max(1, task.n_sites - 1), "n_points": 1,
             "n_subsampled": n, "n_duplicates": n - 1, "id_twonn": None, "id_gride": [],
-            "id": None, "n_peaks": None, "core_fraction": None, "ari": {}, "overlap": {},
+            "id": None, "n_peaks": None, "core_fraction": None, "peaks": None, "ari": {},
+            "overlap": {},
             "dendrogram": None, "skipped": reason, "seconds_total": seconds}
 
 
 def _atomic_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, allow_nan=True))
+
+
+def _save_task(out: Path, task: Task, phash: str, row: dict[str, Any],
+               points: dict[str, np.ndarray] | None) -> None:
+    """The per-point arrays first, then the task's row: a row on disk means both are there."""
+    if points is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **points)
+        rel = f"points/{task.key}.npz"
+        write_bytes_atomic(out / rel, buf.getvalue())
+        row = {**row, "points": rel}
+    _atomic_json(out / "tasks" / f"{task.key}.json", {"params_hash": phash, "row": row})
 
 
 def _read_task(path: Path, phash: str) -> dict[str, Any] | None:
@@ -267,9 +288,9 @@ def run(cfg: ExperimentConfig) -> Path:
                                   if comm.rank == 0 else None, root=0)
             if not finished:
                 with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-                    row = run_task_split(task, cfg, threads, comm)
+                    outcome = run_task_split(task, cfg, threads, comm)
                 if comm.rank == 0:
-                    _atomic_json(path, {"params_hash": phash, "row": row})
+                    _save_task(out, task, phash, *outcome)
                     done_here += 1
             progress.update(1)
     else:
@@ -280,8 +301,8 @@ def run(cfg: ExperimentConfig) -> Path:
                 progress.update(1)
                 continue
             with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-                row = run_task(task, cfg, threads, cfg.analysis.dendrogram)
-            _atomic_json(path, {"params_hash": phash, "row": row})
+                outcome = run_task(task, cfg, threads, cfg.analysis.dendrogram)
+            _save_task(out, task, phash, *outcome)
             done_here += 1
             progress.update(1)
     progress.close()
