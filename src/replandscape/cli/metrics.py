@@ -14,9 +14,9 @@ same function per site.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,21 +157,21 @@ def run(args: argparse.Namespace) -> int:
     out = result.to_json_dict()
     out["params"] = params_to_dict(params)
     text = json.dumps(out, indent=2)
+    from replandscape.atomic import write_npz_atomic, write_text_atomic
+
     if args.points is not None:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **result.point_arrays())
-        _write(args.points, buf.getvalue(), "the per-point arrays")
+        _write(args.points, lambda: write_npz_atomic(args.points, result.point_arrays()),
+               "the per-point arrays")
     if args.json is None:
         sys.stdout.write(text + "\n")
     else:
-        _write(args.json, (text + "\n").encode(), "the JSON")
+        _write(args.json, lambda: write_text_atomic(args.json, text + "\n"), "the JSON")
     return 0
 
 
-def _write(path: Path, data: bytes, what: str) -> None:
-    from replandscape.atomic import write_bytes_atomic
-
+def _write(path: Path, write: Callable[[], object], what: str) -> None:
+    """Run ``write``; a failure to write ``path`` is one line naming it."""
     try:
-        write_bytes_atomic(path, data)
+        write()
     except OSError as exc:
         raise UserError(f"cannot write {what} ({exc.strerror})", file=str(path)) from exc

@@ -49,8 +49,7 @@ class _Cblas:
     """``out = a @ b.T`` through one library's ``cblas_?gemm`` (row-major; leading dimensions
     from the arrays' strides)."""
 
-    def __init__(self, label: str, fn: Any, int_type: Any, dtype: type) -> None:
-        self.label = label
+    def __init__(self, fn: Any, int_type: Any, dtype: type) -> None:
         self.dtype: np.dtype[Any] = np.dtype(dtype)
         real = ctypes.c_double if self.dtype == np.float64 else ctypes.c_float
         fn.restype = None
@@ -102,8 +101,7 @@ def _openblas_candidates(dtype: type) -> list[tuple[str, Product]]:
                 wide = b"USE64BITINT" in (config() or b"")
                 label = (f"openblas {lib.get('version')} {lib.get('architecture')} "
                          f"({lib['filepath'].rsplit('/', 1)[-1]})")
-                found.append((label, _Cblas(label, fn, ctypes.c_int64 if wide else ctypes.c_int32,
-                                            dtype)))
+                found.append((label, _Cblas(fn, ctypes.c_int64 if wide else ctypes.c_int32, dtype)))
     return found
 
 
@@ -145,17 +143,20 @@ def product_nt(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> n
     float64 arrays whose rows are contiguous; anything else goes through numpy."""
     if a.dtype not in (np.float32, np.float64):
         return _numpy_product(a, b, out)
-    chosen = _CHOSEN.get(a.dtype.str)
-    if chosen is None:
-        chosen_library(a.dtype.type)
-        chosen = _CHOSEN[a.dtype.str]
-    return chosen[1](a, b, out)
+    return _chosen(a.dtype.type)[1](a, b, out)
 
 
 def chosen_library(dtype: type = np.float64) -> str:
     """Which library :func:`product_nt` uses for ``dtype`` (chosen on first use)."""
+    return _chosen(dtype)[0]
+
+
+def _chosen(dtype: type) -> tuple[str, Product]:
     key = np.dtype(dtype).str
-    with _LOCK:
-        if key not in _CHOSEN:
-            _CHOSEN[key] = _choose(np.dtype(dtype).type)
-    return _CHOSEN[key][0]
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        with _LOCK:
+            if key not in _CHOSEN:
+                _CHOSEN[key] = _choose(np.dtype(dtype).type)
+            chosen = _CHOSEN[key]
+    return chosen

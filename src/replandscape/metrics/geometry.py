@@ -425,9 +425,9 @@ def compute_geometry(
         n_peaks = int(data.N_clusters)
         _check_assignment(assignment, n_peaks, "without halo")
         peaks = _peaks(data, params.Z)
+        # what the dendrogram needs beyond ``peaks``; the halo run below replaces DADApy's state
         peak_state = (
             [list(c) for c in data.cluster_indices],
-            list(data.cluster_centers),
             np.array(data.log_den_bord, dtype=np.float64),
         )
         with_halo = np.array(data.compute_clustering_ADP(Z=params.Z, halo=True), dtype=np.int64)
@@ -463,9 +463,9 @@ def compute_geometry(
             names = label_names.get(key) if (label_names is not None and key is not None) else None
             dendrogram = _dendrogram(
                 peak_state[0],
-                peak_state[1],
+                peaks["centers"],
                 np.asarray(data.log_den),
-                peak_state[2],
+                peak_state[1],
                 kept_labels[key] if key is not None else None,
                 names,
                 params,

@@ -12,7 +12,6 @@ themselves are pure functions (:mod:`replandscape.metrics.geometry`).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import random
@@ -28,7 +27,7 @@ import numpy as np
 
 from replandscape import __version__
 from replandscape.allocator import retain_freed_memory
-from replandscape.atomic import write_bytes_atomic, write_text_atomic
+from replandscape.atomic import write_npz_atomic, write_text_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
 from replandscape.errors import UserError
@@ -228,10 +227,8 @@ def _save_task(out: Path, task: Task, phash: str, row: dict[str, Any],
                points: dict[str, np.ndarray] | None) -> None:
     """The per-point arrays first, then the task's row: a row on disk means both are there."""
     if points is not None:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **points)
         rel = f"points/{task.key}.npz"
-        write_bytes_atomic(out / rel, buf.getvalue())
+        write_npz_atomic(out / rel, points)
         row = {**row, "points": rel}
     _atomic_json(out / "tasks" / f"{task.key}.json", {"params_hash": phash, "row": row})
 
