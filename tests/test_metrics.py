@@ -553,7 +553,8 @@ def test_cli_writes_json(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "not_npy", "label_length", "too_few", "bad_label_spec", "no_gpu"]
+    "case",
+    ["missing", "not_npy", "label_length", "too_few", "bad_label_spec", "no_gpu", "points_dir"],
 )
 def test_cli_bad_input_exits_1_with_one_line(
     tmp_path: Any, capsys: pytest.CaptureFixture[str], case: str
@@ -580,6 +581,11 @@ def test_cli_bad_input_exits_1_with_one_line(
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
         argv += ["--device", "cuda"]
+    elif case == "points_dir":  # the --points path is a folder: nothing can be written there
+        (tmp_path / "taken.npz").mkdir()
+        argv += ["--points", str(tmp_path / "taken.npz")]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("replandscape: error:")
+    if case == "points_dir":
+        assert "taken.npz" in err[0] and "per-point arrays" in err[0]
