@@ -1,9 +1,10 @@
 """Models and tokenizers: resolving paths, building tiny offline ones, loading through
 ``from_pretrained`` exactly as real checkpoints are loaded.
 
-``builtin:tiny-llama`` and ``builtin:tiny-mistral`` name small randomly initialised causal LMs (shape
-from the model config) with a byte-level BPE tokenizer trained on the bundled data. They are built
-once into the cache and then loaded like any saved checkpoint.
+``builtin:tiny-llama``, ``builtin:tiny-mistral``, ``builtin:tiny-qwen2``, ``builtin:tiny-gpt-neox`` and
+``builtin:tiny-gpt-neo`` name small randomly initialised causal LMs of each supported family (shape
+from the model config) sharing one byte-level BPE tokenizer trained on the bundled data. They are
+built once into the cache and then loaded like any saved checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from replandscape.config import BUILTIN_PREFIX, ModelConfig, looks_like_hub_id
 from replandscape.data import cache_root, resolve_builtin_data
 from replandscape.errors import UserError
 
-TINY_FAMILIES = {"tiny-llama": "llama", "tiny-mistral": "mistral"}
+TINY_FAMILIES = {"tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-qwen2": "qwen2",
+                 "tiny-gpt-neox": "gpt_neox", "tiny-gpt-neo": "gpt_neo"}
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 
 
@@ -58,21 +60,54 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Any:
     return fast
 
 
+def tiny_model_config(cfg: ModelConfig, family: str, tokenizer: Any) -> Any:
+    """A transformers config of ``family`` with ``cfg``'s tiny shape and ``tokenizer``'s ids.
+
+    Llama-style families get grouped-query attention (half as many key/value heads) so that the
+    sites code meets ``n_kv_heads < n_heads``; GPT-NeoX keeps its default parallel residual and
+    GPT-Neo alternates global and local attention like the released checkpoints.
+    """
+    from transformers import GPTNeoConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    ids: dict[str, Any] = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    if family == "gpt_neo":
+        n = cfg.n_layers
+        layers: list[Any] = [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])
+        return GPTNeoConfig(**ids, hidden_size=cfg.hidden_size, num_layers=n,
+                            num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size,
+                            max_position_embeddings=cfg.context_length, attention_types=layers)
+    common: dict[str, Any] = dict(
+        **ids, hidden_size=cfg.hidden_size, intermediate_size=cfg.tiny_intermediate_size,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.tiny_heads,
+        max_position_embeddings=cfg.context_length)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**common, use_parallel_residual=True)
+    common["num_key_value_heads"] = max(1, cfg.tiny_heads // 2)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if family == "llama":
+        return LlamaConfig(**common)
+    raise UserError(f"no tiny model of family '{family}'", key="model.family",
+                    fix=f"use one of {', '.join(sorted(set(TINY_FAMILIES.values())))}")
+
+
 def build_tiny_model(folder: Path, cfg: ModelConfig, family: str = "llama", seed: int = 0) -> Path:
     """Save a randomly initialised causal LM of ``cfg``'s shape and a tokenizer to ``folder``."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
-    common: dict[str, Any] = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.tiny_intermediate_size, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.tiny_heads, num_key_value_heads=max(1, cfg.tiny_heads // 2),
-        max_position_embeddings=cfg.context_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False)
-    config = MistralConfig(**common, sliding_window=None) if family == "mistral" else LlamaConfig(**common)
+    config = tiny_model_config(cfg, family, tokenizer)
+    # transformers loads some families' tokenizers with their own class (a qwen2 folder gets
+    # Qwen2Tokenizer, which adds <|endoftext|>): size the embeddings to the tokenizer the folder
+    # will actually be loaded with, as a real checkpoint's are
+    config.save_pretrained(folder)
+    config.vocab_size = max(config.vocab_size, len(AutoTokenizer.from_pretrained(folder)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
@@ -136,6 +171,21 @@ def torch_dtype(name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def _adapter_error(adapter: str, exc: BaseException) -> UserError:
+    """One line naming the adapter's weights file and what is wrong with it."""
+    folder = Path(adapter)
+    weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (folder / n).is_file()), folder / "adapter_model.safetensors")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if "size mismatch" in str(exc):
+        return UserError(f"the adapter does not fit this model: {first}", file=str(weights),
+                         key="checkpoint", fix="use an adapter trained on the configured model")
+    return UserError(f"cannot read the adapter weights ({type(exc).__name__}: {first})",
+                     file=str(weights), key="checkpoint",
+                     fix="the file is truncated or corrupt: re-run the finetune stage or copy it "
+                         "again")
+
+
 def load_causal_lm(path: str, *, revision: str | None = None, dtype: str = "float32",
                    device: str = "cpu", adapter: str | None = None) -> Any:
     """Load a causal LM (and optionally a LoRA adapter on top) in eval mode."""
@@ -149,11 +199,17 @@ def load_causal_lm(path: str, *, revision: str | None = None, dtype: str = "floa
                         key="model.path", fix="check the model folder or hub id") from None
     if adapter:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError("not a LoRA adapter folder (no adapter_config.json)", file=adapter,
                             key="checkpoint", fix="point at an adapter saved by the finetune stage")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (SafetensorError, OSError, EOFError, ValueError, RuntimeError) as exc:
+            # a truncated or corrupt weights file (SafetensorError; torch.load's EOF and
+            # unpickling errors for .bin) or an adapter saved for another model's shapes
+            raise _adapter_error(adapter, exc) from None
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() too narrowly
     model.eval()
     return model
