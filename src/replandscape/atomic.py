@@ -10,21 +10,33 @@ from pathlib import Path
 
 import numpy as np
 
+from replandscape.outputs import ensure_dir, fs_error
+
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, rename it over
-    ``path``. The temporary name is unique, so ranks or jobs writing the same file cannot mix."""
+    ``path``. The temporary name is unique, so ranks or jobs writing the same file cannot mix.
+
+    Raises:
+        UserError: the file system refused (read-only, full, no permission, a file or folder in
+            the way); whatever ``path`` held before is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent, key=None)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise fs_error(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise fs_error(exc, path) from None
         raise
     return path
 

@@ -28,6 +28,7 @@ import yaml
 
 from replandscape.atomic import write_text_atomic
 from replandscape.errors import UserError
+from replandscape.outputs import ensure_dir
 
 GROUPS = ("model", "cluster")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -83,7 +84,7 @@ class ModelConfig:
     # a local folder, a hub id, or "builtin:tiny-llama" (built offline on first use)
     path: str = ""
     revision: str | None = None
-    family: Literal["llama", "mistral", "other"] = "llama"
+    family: Literal["llama", "mistral", "qwen2", "gpt_neox", "gpt_neo", "other"] = "llama"
     n_layers: int = 32
     hidden_size: int = 4096
     n_params_b: float = 8.0
@@ -114,6 +115,10 @@ class ExtractConfig:
     zero_stage: Literal[0, 3] = 3
     padding_side: Literal["left", "right"] = "left"
     checkpoints: Literal["final", "all"] = "final"
+    # how a LoRA checkpoint is applied: "unmerged" runs the adapter beside the base weights (in its
+    # own precision: the model the fine-tuning stage evaluated); "merged" adds it into the weights
+    # in float32 layer by layer, then casts (faster; updates under half a bf16 step are lost)
+    adapter: Literal["unmerged", "merged"] = "unmerged"
     # mpio: one shared file through MPI-IO (h5py with MPI, ranks launched by srun/mpiexec);
     # shards: one file per rank joined by virtual datasets; auto: mpio when it can, else shards
     writer: Literal["auto", "mpio", "shards"] = "auto"
@@ -193,6 +198,7 @@ class ClusterConfig:
     qos: str | None = None
     nodes: int | None = None  # nodes in the partition (None: not checked)
     gpus_per_node: int = 0
+    gpu_mem_gb: float | None = None  # memory of one GPU (None: the model-fits check is skipped)
     cpus_per_node: int = 2
     mem_gb_per_node: int = 16
     cpus_per_task: int = 1
@@ -375,12 +381,38 @@ def config_root(near: Path | None = None) -> Path:
     return repo_root() / "configs"
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_config_text(path: Path) -> str:
+    """The text of a config file, or a one-line :class:`UserError` when it is missing,
+    unreadable or not UTF-8 text (a binary file given by mistake, e.g. a checkpoint)."""
+    if path.is_dir():
+        raise UserError("is a folder, not a config file", file=str(path),
+                        fix="give the path of a YAML file (configs live under configs/)")
     if not path.is_file():
         raise UserError("config file not found", file=str(path),
                         fix="check the path (configs live under configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the config file: {exc.strerror or exc}", file=str(path),
+                        fix="check the file's permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"not a text file (byte {exc.start + 1} on line {line} is not UTF-8)",
+                        file=str(path), fix="give a YAML config file saved as UTF-8 text") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise UserError(f"not a text file (a NUL byte on line {line})", file=str(path),
+                        fix="give a YAML config file saved as UTF-8 text")
+    return text
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one config file as a mapping; every config file of the suite is read here."""
+    text = read_config_text(path)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -585,6 +617,8 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
                   "set cluster.partition (see sinfo)")
     if c.timeout_min < 1:
         raise bad("cluster.timeout_min", "must be at least 1 minute", "use e.g. 60")
+    if c.gpu_mem_gb is not None and c.gpu_mem_gb <= 0:
+        raise bad("cluster.gpu_mem_gb", "must be positive", "use the GPU's memory, e.g. 80")
 
 
 def expected_points(cfg: ExperimentConfig) -> int | None:
@@ -599,8 +633,7 @@ def expected_points(cfg: ExperimentConfig) -> int | None:
 
 def save_resolved(cfg: ExperimentConfig, folder: str | os.PathLike[str]) -> Path:
     """Write the resolved config and its hash beside an output."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_dir(folder, "run.output_dir")
     path = folder / "config.yaml"
     text = f"# resolved config, sha256 {cfg.hash}\n# source: {cfg.source_file}\n" + cfg.to_yaml()
     write_text_atomic(path, text)

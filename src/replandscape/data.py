@@ -13,12 +13,13 @@ import random
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from replandscape.config import BUILTIN_PREFIX, DataConfig, ExperimentConfig, looks_like_hub_id
 from replandscape.errors import UserError
+from replandscape.outputs import ensure_dir
 
 REQUIRED_FIELDS = ("question", "choices", "answer", "subject")
 SPLIT_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -108,8 +109,7 @@ def resolve_builtin_data(source: str) -> Path:
 
 
 def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return ensure_dir(path, key="REPLANDSCAPE_CACHE")
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,15 +117,15 @@ def _ensure(path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_files(folder: Path, split: str) -> tuple[str, list[str]]:
+def _split_files(folder: Path, split: str) -> tuple[str, list[Path]]:
     for suffix in SPLIT_SUFFIXES:
         single = folder / f"{split}{suffix}"
         if single.is_file():
-            return ("parquet" if suffix == ".parquet" else "json"), [str(single)]
+            return ("parquet" if suffix == ".parquet" else "json"), [single]
     sub = folder / split
     if sub.is_dir():
         for suffix in SPLIT_SUFFIXES:
-            files = sorted(str(p) for p in sub.glob(f"*{suffix}"))
+            files = sorted(sub.glob(f"*{suffix}"))
             if files:
                 return ("parquet" if suffix == ".parquet" else "json"), files
     raise UserError(f"no '{split}' split (looked for {split}.parquet, {split}.jsonl, "
@@ -133,8 +133,158 @@ def _split_files(folder: Path, split: str) -> tuple[str, list[str]]:
                     fix=f"add the {split} split or choose another split")
 
 
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_row(row: object, row_id: int, num_choices: int, *, file: str,
+                 where: str) -> Question:
+    """Check one data row's fields and types and return it as a :class:`Question`.
+
+    Every row of every source (JSON lines, parquet, hub) goes through here, so a row the suite
+    accepts always has a string question and subject, a list of exactly ``num_choices`` string
+    choices and an integer answer indexing them.
+
+    Args:
+        row: the row as read (a mapping of field to value).
+        row_id: the question's id (its index in the split).
+        num_choices: the number of choices every row must have (``data.num_choices``).
+        file: the file (or hub id) the row came from, named in the error.
+        where: the row's place in ``file``, named in the error (``"line 7"`` or ``"row 6"``).
+
+    Returns:
+        The question.
+
+    Raises:
+        UserError: a field is missing or has the wrong type or value.
+    """
+    def bad(message: str, fix: str) -> UserError:
+        return UserError(message, file=file, key=where, fix=fix)
+
+    if not isinstance(row, dict):
+        raise bad(f"expected an object with fields {', '.join(REQUIRED_FIELDS)}, got "
+                  f"{_describe(row)}", "write one JSON object per row")
+    missing = [f for f in REQUIRED_FIELDS if row.get(f) is None]
+    if missing:
+        raise bad(f"lacks field(s) {', '.join(missing)}",
+                  "give every row question, choices, answer and subject")
+    for name in ("question", "subject"):
+        if not isinstance(row[name], str):
+            raise bad(f"{name} is {_describe(row[name])}, not a string", f"quote the {name}")
+    if not row["subject"].strip():
+        raise bad("subject is empty", "give every row its subject's name")
+    choices = row["choices"]
+    if isinstance(choices, (str, bytes)) or not isinstance(choices, (list, tuple)):
+        raise bad(f"choices is {_describe(choices)}, not a list",
+                  'write choices as a list of strings, e.g. ["a", "b", "c", "d"]')
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str):
+            raise bad(f"choices[{i}] is {_describe(choice)}, not a string", "quote every choice")
+    if len(choices) != num_choices:
+        raise bad(f"has {len(choices)} choices but data.num_choices is {num_choices}",
+                  f"give every row {num_choices} choices or set data.num_choices")
+    answer = row["answer"]
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        letter = answer.strip().upper()
+        raise bad(f"answer is the letter {answer!r}, not a choice index",
+                  f"write the 0-based index of the right choice: {letter} is "
+                  f"{ord(letter) - ord('A')}")
+    if isinstance(answer, str):
+        raise bad(f"answer is the string {_describe(answer)}, not a choice index",
+                  f"write the 0-based index of the right choice as a number, "
+                  f"0..{num_choices - 1}")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise bad(f"answer is {_describe(answer)}, not a whole number",
+                  f"write the 0-based index of the right choice, 0..{num_choices - 1}")
+    if not 0 <= answer < len(choices):
+        raise bad(f"answer {answer} is outside the {len(choices)} choices",
+                  f"answers are 0-based choice indices, 0..{len(choices) - 1}")
+    return Question(id=row_id, subject=row["subject"], question=row["question"],
+                    choices=tuple(choices), answer=answer)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """Rows of a JSON-lines file (or of a ``.json`` file holding one array), each with its place
+    (``line N``) for errors; read here rather than by ``datasets`` so a bad line is named."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            fh.seek(0)
+            if path.suffix == ".json" and head.startswith(b"["):
+                yield from _json_array_rows(path, fh.read())
+                return
+            for number, raw in enumerate(fh, start=1):
+                where = f"line {number}"
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"is not UTF-8 text (byte {exc.start + 1} of the line)",
+                                    file=str(path), key=where,
+                                    fix="save the file as UTF-8") from None
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text.strip())
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"is not valid JSON ({exc.msg} at column {exc.colno})",
+                                    file=str(path), key=where,
+                                    fix="write one JSON object per line") from None
+                yield where, row
+    except OSError as exc:
+        raise UserError(f"cannot read the data file: {exc.strerror or exc}", file=str(path),
+                        key="data.source", fix="check the file's permissions") from None
+
+
+def _json_array_rows(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError("is not UTF-8 text", file=str(path), key=f"line {line}",
+                        fix="save the file as UTF-8") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"is not valid JSON ({exc.msg} at column {exc.colno})", file=str(path),
+                        key=f"line {exc.lineno}",
+                        fix="write a JSON array of objects, or one object per line") from None
+    for i, row in enumerate(rows):  # a list: the caller saw the file open with '['
+        yield f"row {i}", row
+
+
+def _table_rows(table: Iterable[object]) -> Iterator[tuple[str, object]]:
+    for i, row in enumerate(table):
+        yield f"row {i}", row
+
+
+def _load_table(kind: str, source: str, split: str, *, hub_config: str | None = None,
+                file: Path | None = None) -> Iterable[object]:
+    """A split through ``datasets``: a parquet file, or a hub id (the only source that may need
+    the network, so the only one whose fix mentions downloading)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if file is None:
+            return datasets.load_dataset(source, hub_config, split=split)
+        return datasets.load_dataset(kind, data_files={split: [str(file)]}, split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # the datasets library raises many types for unreadable input
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if file is None:
+            raise UserError(f"cannot load split '{split}': {first}", file=source,
+                            key="data.source", fix="check the hub id and data.hub_config, or "
+                            "set HF_DATASETS_OFFLINE=0 to download") from None
+        raise UserError(f"cannot read split '{split}': {first}", file=str(file),
+                        key="data.source",
+                        fix="check that the file is a parquet table (e.g. written by "
+                        "pandas.DataFrame.to_parquet)") from None
+
+
 def load_split(cfg: DataConfig, split: str) -> list[Question]:
-    """Load one split as a list of questions, checking the fields."""
+    """Load one split as a list of questions; every row is checked by :func:`validate_row`."""
     source = cfg.source
     if source.startswith(BUILTIN_PREFIX):
         folder: Path | None = resolve_builtin_data(source)
@@ -145,40 +295,24 @@ def load_split(cfg: DataConfig, split: str) -> list[Question]:
     else:
         raise UserError(f"data folder '{source}' does not exist", key="data.source",
                         fix="point data.source at a folder of per-split files or a hub id")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if folder is None:
-            table = datasets.load_dataset(source, cfg.hub_config, split=split)
-            origin = source
-        else:
-            kind, files = _split_files(folder, split)
-            table = datasets.load_dataset(kind, data_files={split: files}, split=split)
-            origin = str(folder)
-    except UserError:
-        raise
-    except Exception as exc:  # the datasets library raises many types for unreadable input
-        raise UserError(f"cannot load split '{split}': {str(exc).splitlines()[0][:200]}",
-                        file=source, key="data.source",
-                        fix="check the files, or set HF_DATASETS_OFFLINE=0 to download") from None
-    missing = [f for f in REQUIRED_FIELDS if f not in table.column_names]
-    if missing:
-        raise UserError(f"split '{split}' lacks field(s) {', '.join(missing)}", file=origin,
-                        key="data.source", fix="provide question, choices, answer, subject")
-    questions = []
-    for i, row in enumerate(table):
-        choices = tuple(str(c) for c in row["choices"])
-        answer = int(row["answer"])
-        if len(choices) != cfg.num_choices:
-            raise UserError(f"split '{split}' row {i} has {len(choices)} choices, expected "
-                            f"{cfg.num_choices}", file=origin, key="data.num_choices",
-                            fix="set data.num_choices to the data's number of choices")
-        if not 0 <= answer < len(choices):
-            raise UserError(f"split '{split}' row {i} has answer {answer} outside the choices",
-                            file=origin, key="answer", fix="answers are 0-based choice indices")
-        questions.append(Question(id=i, subject=str(row["subject"]), question=str(row["question"]),
-                                  choices=choices, answer=answer))
+    sources: list[tuple[str, Iterable[tuple[str, object]]]]
+    if folder is None:
+        sources = [(source, _table_rows(_load_table("hub", source, split,
+                                                    hub_config=cfg.hub_config)))]
+        origin = source
+    else:
+        kind, files = _split_files(folder, split)
+        sources = [(str(f), _json_rows(f) if kind == "json"
+                    else _table_rows(_load_table(kind, source, split, file=f))) for f in files]
+        origin = str(files[0]) if len(files) == 1 else str(folder / split)
+    questions: list[Question] = []
+    for file, rows in sources:
+        for where, row in rows:
+            questions.append(validate_row(row, len(questions), cfg.num_choices, file=file,
+                                          where=where))
+    if not questions:
+        raise UserError(f"split '{split}' has no rows", file=origin, key="data.source",
+                        fix=f"add questions to the {split} split or choose another split")
     return questions
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from replandscape import __version__
 from replandscape.errors import UserError
+from replandscape.outputs import environment_error
 
 SUBCOMMANDS = (
     "validate",
@@ -78,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # a full disk or a read-only mount met by a writer outside replandscape.atomic (h5py,
+        # log appends): still one line; any other OSError may be a bug and keeps its traceback
+        error = environment_error(exc)
+        if error is None:
+            raise
+        print(f"replandscape: error: {error}", file=sys.stderr)
         return 1
 
 
