@@ -9,6 +9,12 @@ memory with the weights loaded (the peak is reset through /proc/self/clear_refs 
     .venv/bin/python benchmarks/bench_extract.py                  # 12 and 24 blocks x 1024, 16 x 1000 tokens
     .venv/bin/python benchmarks/bench_extract.py --layers 4 --tokens 200   # quick
     .venv/bin/python benchmarks/bench_extract.py --device cuda --dtype bfloat16 --shape llama3-8b
+
+It also measures the checksums of the activation file on the same shape: the sites of
+``--digest-mb`` of rows (input_layernorm of every block, norm, logits) are written by one
+``ShardWriter``; closing it digests the rank's rows, ``finalize_shards`` chains the digests and
+digests the row labels; the reader's check (``ActivationFile.verify``) is timed too. The digest
+cost is reported against the extraction time of the same rows (hooks, one rank).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -87,6 +94,53 @@ def measure(method: str, layers: int, hidden: int, inter: int, vocab: int, batch
             "params": params}
 
 
+def measure_digest(layers: int, hidden: int, vocab: int, dtype: str, batch: int,
+                   megabytes: int, folder: str) -> dict[str, float]:
+    """Seconds per row of the activation-file checksums on this shape (see the module doc)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from replandscape.storage import (
+        ShardWriter,
+        SiteSpec,
+        encode_rows,
+        finalize_shards,
+        open_activations,
+    )
+
+    store = "bfloat16" if dtype == "bfloat16" else "float32"
+    specs = [SiteSpec(f"input_layernorm.{i:02d}", hidden, store) for i in range(layers)]
+    specs += [SiteSpec("norm", hidden, store), SiteSpec("logits", vocab, store)]
+    row_bytes = sum(s.dim for s in specs) * (2 if store == "bfloat16" else 4)
+    n = max(batch, (megabytes << 20) // row_bytes)
+    rng = np.random.default_rng(0)
+    block = {s.name: encode_rows(rng.standard_normal((batch, s.dim), dtype=np.float32), s.dtype)
+             for s in specs}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        final = Path(tmp) / "shots0.h5"
+        writer = ShardWriter(final, 0, 1, 0, n, specs, "bench")
+        for a in range(0, n, batch):
+            rows = np.arange(a, min(n, a + batch))
+            writer.write(rows, {k: v[: len(rows)] for k, v in block.items()}, {
+                "question_id": rows, "answer": rows % 4, "predicted": rows % 4,
+                "correct": np.ones(len(rows), bool), "n_tokens": np.full(len(rows), 100)})
+        t0 = time.perf_counter()
+        writer.close()  # the rank's digest of its rows
+        t_close = time.perf_counter() - t0
+        header = {"site_names": [s.name for s in specs], "stage_hash": "bench"}
+        t0 = time.perf_counter()
+        finalize_shards(final, 1, specs, header, [f"s{i % 57}" for i in range(n)],
+                        ["Question: " + "x" * 600 + "\nAnswer:"] * n)
+        t_final = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with open_activations(final) as af:
+            af.verify()
+        t_verify = time.perf_counter() - t0
+    return {"rows": n, "row_mb": row_bytes / 2**20, "close_s": t_close, "finalize_s": t_final,
+            "verify_s": t_verify, "gb_per_s": n * row_bytes / t_close / 1e9}
+
+
 SHAPES = {"llama3-8b": dict(hidden=4096, inter=14336, vocab=128256, layers=32)}
 
 
@@ -122,6 +176,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--digest-mb", type=int, default=256,
+                        help="rows of sites written for the checksum measurement, in MiB")
+    parser.add_argument("--digest-dir", default=None, help="folder of that file (default: tmp)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shape:
@@ -157,6 +214,17 @@ def main() -> None:
         n, h = rows[(layers, "naive")], rows[(layers, "hooks")]
         print(f"  {layers} layers: activation memory {n['activation_mb'] / max(h['activation_mb'], 1e-9):.2f}x "
               f"lower, throughput {h['tokens_per_s'] / n['tokens_per_s']:.2f}x")
+    print("activation-file checksums (crc32), one rank, against the hooks' extraction time:")
+    for layers in args.layers:
+        d = measure_digest(layers, args.hidden, args.vocab, args.dtype, args.batch,
+                           args.digest_mb, args.digest_dir or tempfile.gettempdir())
+        per_row = rows[(layers, "hooks")]["seconds"] / args.batch
+        cost = (d["close_s"] + d["finalize_s"]) / d["rows"]
+        print(f"  {layers} layers: {d['row_mb']:.3f} MiB/row, {d['rows']} rows: rank digest "
+              f"{d['close_s']:.2f} s ({d['gb_per_s']:.2f} GB/s), finalisation "
+              f"{d['finalize_s']:.2f} s, reader check {d['verify_s']:.2f} s; "
+              f"{cost * 1e3:.3f} ms/row against extraction {per_row * 1e3:.1f} ms/row = "
+              f"{cost / per_row:.2%}")
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
