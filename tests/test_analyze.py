@@ -171,3 +171,187 @@ def test_subsample_is_balanced_fixed_and_stored(extracted: Path, tmp_path: Path)
         assert set(points["question_id"].tolist()) <= set(stored["question_ids"])
         assert np.bincount(points["assignment"]).tolist() == row["peaks"]["sizes"]
         assert np.mean(points["assignment_halo"] != -1) == pytest.approx(row["core_fraction"])
+
+
+# --------------------------------------------------------------------------------------------
+# relative depth per site kind
+# --------------------------------------------------------------------------------------------
+
+
+def test_relative_depth_is_the_same_for_every_site_kind() -> None:
+    from replandscape.results import (
+        BLOCK_SITE_OFFSET,
+        n_blocks_from_sites,
+        relative_depth,
+        site_depths,
+    )
+    from replandscape.sites import BLOCK_SITE_KINDS
+
+    assert relative_depth("input_layernorm.05", 32) == relative_depth("residual.05", 32) == 5 / 33
+    assert relative_depth("post_attention_layernorm.05", 32) == 5.5 / 33
+    assert relative_depth("block_output.31", 32) == relative_depth("norm", 32) == 32 / 33
+    assert relative_depth("logits", 32) == 1.0 and relative_depth("input_layernorm.00", 32) == 0
+    assert relative_depth("embeddings", 32) is None
+    assert set(BLOCK_SITE_OFFSET) == set(BLOCK_SITE_KINDS)  # every kind has its place
+    default = ["input_layernorm.00", "input_layernorm.01", "input_layernorm.02", "norm", "logits"]
+    assert site_depths(default) == pytest.approx([i / 4 for i in range(5)])
+    two_kinds = [f"{k}.{i:02d}" for k in ("input_layernorm", "residual") for i in range(32)]
+    depths = site_depths([*two_kinds, "norm", "logits"])
+    assert depths[:32] == depths[32:64] == [i / 33 for i in range(32)]
+    assert depths[64:] == [32 / 33, 1.0]
+    assert n_blocks_from_sites(two_kinds) == 32 and n_blocks_from_sites(["norm"]) is None
+    assert site_depths(["norm", "logits"], 3) == [0.75, 1.0]
+    assert site_depths(["norm", "logits"]) == [0.0, 1.0]  # no block count known: by index
+
+
+def test_planned_depths_follow_the_site_names(extracted: Path, tmp_path: Path) -> None:
+    from replandscape.config import load_config
+    from replandscape.stages.analyze import activation_files, plan_tasks
+
+    cfg = load_config(_copy(extracted, tmp_path))
+    tasks, runs = plan_tasks(cfg, activation_files(cfg))
+    assert [t.relative_depth for t in tasks if t.run == "tiny/shots0"] == [0, 0.25, 0.5, 0.75, 1]
+    assert all(len(r["provenance"]["input_id"]) == 64 for r in runs.values())
+
+
+# --------------------------------------------------------------------------------------------
+# task files keyed by their input; wrong shapes
+# --------------------------------------------------------------------------------------------
+
+
+def test_input_id_follows_the_content(tmp_path: Path) -> None:
+    import os
+
+    from replandscape.stages.analyze import input_id
+
+    path = tmp_path / "a.h5"
+    path.write_bytes(b"x" * 10)
+    attrs = {"stage_hash": "s1", "created": "2024-01-01T00:00:00"}
+    first = input_id(path, attrs)
+    assert input_id(path, attrs) == first
+    assert input_id(path, {**attrs, "stage_hash": "s2"}) != first
+    os.utime(path, ns=(1, 1))
+    assert input_id(path, attrs) != first  # no checksums: a rewritten file counts as new
+    digests = {**attrs, "digests": json.dumps({"sites/norm": "ab", "rows/subject": "cd"})}
+    with_digests = input_id(path, digests)
+    os.utime(path, ns=(2, 2))
+    assert input_id(path, digests) == with_digests  # checksums: only the content counts
+    other = {**attrs, "digests": json.dumps({"sites/norm": "ef", "rows/subject": "cd"})}
+    assert input_id(path, other) != with_digests
+
+
+def test_task_files_of_the_wrong_shape_are_computed_again(extracted: Path,
+                                                          tmp_path: Path) -> None:
+    cfg = _copy(extracted, tmp_path)
+    assert cli("run", "analyze", str(cfg), "analysis.sites=[1,2]").returncode == 0
+    task_dir = tmp_path / "out" / "analysis" / "tasks"
+    tasks = sorted(task_dir.glob("*.json"))
+    assert len(tasks) == 4
+    good = json.loads(tasks[0].read_text())
+    tasks[0].write_text("[]")
+    tasks[1].write_text(json.dumps({**good, "row": [1, 2]}))
+    tasks[2].write_text(json.dumps({k: v for k, v in good.items() if k != "row"}))
+    again = cli("run", "analyze", str(cfg), "analysis.sites=[1,2]")
+    assert again.returncode == 0, again.stderr
+    assert "(3 computed now, over 1 rank(s))" in again.stderr
+    assert "recomputing" not in again.stderr  # nothing to say: those files were not results
+    rows = read_results(tmp_path / "out" / "analysis" / "results.json").rows
+    assert len(rows) == 4 and all(isinstance(json.loads(p.read_text())["row"], dict)
+                                  for p in tasks)
+
+
+def test_results_rows_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    from replandscape.errors import UserError
+    from replandscape.results import Results, write_results
+
+    row = {"run": "m/shots0", "site": "norm", "site_index": 3, "relative_depth": 0.75,
+           "n_points": 40, "id": 4.5, "n_peaks": None, "core_fraction": 0.5,
+           "ari": {"subject": 0.1}}
+    path = write_results(Results(analysis_params={}, rows=[row]), tmp_path / "r.json")
+    assert read_results(path).rows[0]["site"] == "norm"
+    data = json.loads(path.read_text())
+    bad_rows = [
+        ("x", "row 1 is a JSON str"),
+        ({**row, "site_index": "3"}, "site_index"),
+        ({**row, "relative_depth": None}, "relative_depth"),
+        ({**row, "n_points": True}, "n_points"),
+        ({**row, "ari": [0.1]}, "ari"),
+        ({k: v for k, v in row.items() if k != "run"}, "lacks run"),
+    ]
+    for bad, words in bad_rows:
+        path.write_text(json.dumps({**data, "rows": [row, bad]}))
+        with pytest.raises(UserError) as err:
+            read_results(path)
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message
+        assert words in message and "rows[1]" in message, message
+    path.write_text(json.dumps({**data, "rows": {"0": row}}))
+    with pytest.raises(UserError, match="rows is not a list"):
+        read_results(path)
+
+
+def test_replaced_activations_are_analysed_again(tmp_path: Path) -> None:
+    """Another extraction into the same folder: the old rows go, the new equal a fresh run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = tiny_config(work, data={"source": "builtin:demo-mmlu", "limit": 150},
+                      prompts={"shots": [0]},
+                      analysis={"maxk": 40, "range_max": 32, "id_scale_index": 3,
+                                "density_k": 8, "dendrogram_min_size": 5})
+    assert cli("run", "extract", str(cfg)).returncode == 0
+    assert cli("run", "analyze", str(cfg)).returncode == 0
+    results = work / "out" / "analysis" / "results.json"
+    before = _rows(results)
+    activations = work / "out" / "activations"
+    for old in activations.iterdir():  # as a user would: the old file and its shards
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    proc = cli("run", "extract", str(cfg), "extract.pooling=mean")
+    assert proc.returncode == 0, proc.stderr
+    again = cli("run", "analyze", str(cfg))
+    assert again.returncode == 0, again.stderr
+    changed = [ln for ln in again.stderr.splitlines() if "recomputing" in ln]
+    assert changed == ["[analyze] recomputing 5 task(s) whose activation file changed since "
+                       "they were analysed: tiny/shots0 (5 sites)"], again.stderr
+    after = _rows(results)
+    assert after.keys() == before.keys()
+    assert any(after[k]["id"] != before[k]["id"] for k in after)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(activations, fresh / "out" / "activations")
+    fresh_cfg = tiny_config(fresh, data={"source": "builtin:demo-mmlu", "limit": 150},
+                            prompts={"shots": [0]},
+                            analysis={"maxk": 40, "range_max": 32, "id_scale_index": 3,
+                                      "density_k": 8, "dendrogram_min_size": 5})
+    assert cli("run", "analyze", str(fresh_cfg)).returncode == 0
+    expected = _rows(fresh / "out" / "analysis" / "results.json")
+    for key, row in expected.items():
+        for metric in ("n_points", "n_peaks", "core_fraction", "ari", "id", "id_gride",
+                       "relative_depth", "skipped"):
+            assert after[key].get(metric) == row.get(metric), (key, metric)
+    # nothing changed since: nothing is recomputed
+    third = cli("run", "analyze", str(cfg))
+    assert "recomputing" not in third.stderr and "(0 computed now" in third.stderr
+
+
+def test_second_analysis_on_one_output_is_refused(extracted: Path, tmp_path: Path) -> None:
+    import os
+
+    from replandscape.lock import stage_lock
+
+    cfg = _copy(extracted, tmp_path)
+    with stage_lock(tmp_path / "out" / "analysis", "analyze"):
+        line = one_line_error(cli("run", "analyze", str(cfg)))
+        assert "already running" in line and f"pid {os.getpid()}" in line
+        assert not (tmp_path / "out" / "analysis" / "results.json").exists()
+    assert cli("run", "analyze", str(cfg), "analysis.sites=[4]").returncode == 0
+
+
+@pytest.mark.mpi
+def test_second_analysis_is_refused_over_ranks_too(extracted: Path, tmp_path: Path) -> None:
+    from replandscape.lock import stage_lock
+
+    cfg = _copy(extracted, tmp_path)
+    t0 = time.monotonic()
+    with stage_lock(tmp_path / "out" / "analysis", "analyze"):
+        proc = _mpi(2, cfg, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert "already running" in proc.stderr

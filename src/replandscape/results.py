@@ -16,12 +16,14 @@ Layout (``schema_version`` 1)::
           "finetuned": false, "checkpoint_step": null,
           "n_sites": 8, "site_names": [...],
           "accuracy": {"micro": 0.4, "macro": 0.38, "per_subject": {SUBJECT: acc}},
-          "provenance": {"activations": PATH, "config_hash": ..., "model_path": ..., ...},
+          "provenance": {"activations": PATH, "config_hash": ..., "model_path": ...,
+                         "input_id": "sha256 hex", ...},   # the activation file's identity
           "subsample": {"n": 9181, "question_ids": [...]}   # the balanced subset analysed
         }
       },
       "rows": [                           # one per (run, site)
-        {"run": RUN, "site": "input_layernorm.03", "site_index": 3, "relative_depth": 0.43,
+        {"run": RUN, "site": "input_layernorm.03", "site_index": 3,   # index in the file
+         "relative_depth": 0.6,                                       # see relative_depth()
          "n_points": 300, "n_duplicates": 0,
          "id_twonn": 7.1, "id_gride": [..6 scales..], "id_gride_ranks": [1, 2, 4, 8, 16, 32], "id": 9.2,
          "n_peaks": 4, "core_fraction": 0.61,
@@ -42,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,90 @@ RESULTS_SCHEMA_VERSION = 1
 
 ROW_REQUIRED = ("run", "site", "site_index", "relative_depth", "n_points", "id", "n_peaks",
                 "core_fraction", "ari")
+
+# The JSON types each required key of a row may hold (``None`` where a site with nothing to
+# measure records no value); booleans are refused where numbers are expected.
+_NUMBER = (int, float)
+ROW_TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
+    # key: (types, may be null, description)
+    "run": ((str,), False, "a string"),
+    "site": ((str,), False, "a string"),
+    "site_index": ((int,), False, "an integer"),
+    "relative_depth": (_NUMBER, False, "a number"),
+    "n_points": ((int,), False, "an integer"),
+    "id": (_NUMBER, True, "a number or null"),
+    "n_peaks": ((int,), True, "an integer or null"),
+    "core_fraction": (_NUMBER, True, "a number or null"),
+    "ari": ((dict,), False, "an object"),
+}
+
+# Where each per-block site kind sits within its block, in blocks from the block's input: the
+# residual stream entering block i and its norm have seen i blocks' work; the attention's output
+# and the norm the MLP reads, half of block i more; the MLP's output and the block's output, all
+# of block i.
+BLOCK_SITE_OFFSET = {"residual": 0.0, "input_layernorm": 0.0, "attn_heads": 0.5,
+                     "post_attention_layernorm": 0.5, "mlp_out": 1.0, "block_output": 1.0}
+_BLOCK_SITE = re.compile(r"^(?P<kind>.+)\.(?P<block>\d+)$")
+
+
+def n_blocks_from_sites(site_names: Iterable[str]) -> int | None:
+    """Number of decoder blocks implied by per-block site names (``KIND.NN``), or None."""
+    blocks = [int(m["block"]) for m in map(_BLOCK_SITE.match, site_names) if m]
+    return max(blocks) + 1 if blocks else None
+
+
+def relative_depth(site: str, n_blocks: int) -> float | None:
+    """Depth of ``site`` in a model of ``n_blocks`` blocks, from 0 (the input of the first block)
+    to 1 (the logits), the same for every site kind.
+
+    A site's position is counted in blocks the representation has passed through: block sites
+    ``KIND.i`` at ``i`` plus the kind's offset within the block (:data:`BLOCK_SITE_OFFSET`;
+    unknown kinds count as block inputs), ``norm`` at ``n_blocks`` and ``logits`` one step further
+    at ``n_blocks + 1``; the depth is the position divided by ``n_blocks + 1``. So
+    ``input_layernorm.05`` and ``residual.05`` share a depth, whatever else the file holds, and
+    for the default sites (``input_layernorm``, ``norm``, ``logits``) the depth equals the site's
+    index over the number of sites less one. Returns None for a name that is neither a block site
+    nor ``norm``/``logits``.
+    """
+    steps = n_blocks + 1
+    if site == "norm":
+        return n_blocks / steps
+    if site == "logits":
+        return 1.0
+    match = _BLOCK_SITE.match(site)
+    if match is None:
+        return None
+    return (int(match["block"]) + BLOCK_SITE_OFFSET.get(match["kind"], 0.0)) / steps
+
+
+def site_depths(site_names: list[str], n_blocks: int | None = None) -> list[float]:
+    """:func:`relative_depth` of every site of a file, ``n_blocks`` taken from the block sites
+    when not given; a file whose depth cannot be placed (no blocks known, unknown names) falls
+    back to the site's index over the number of sites less one."""
+    blocks = n_blocks or n_blocks_from_sites(site_names)
+    fallback = [i / max(1, len(site_names) - 1) for i in range(len(site_names))]
+    if not blocks:
+        return fallback
+    depths = [relative_depth(name, blocks) for name in site_names]
+    if any(d is None for d in depths):
+        return fallback
+    return [float(d) for d in depths if d is not None]
+
+
+def row_problem(row: Any) -> str | None:
+    """What is wrong with the shape of one results row, or None when it has the right shape."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    missing = [k for k in ROW_REQUIRED if k not in row]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, (types, nullable, what) in ROW_TYPES.items():
+        value = row[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"has {key} = {json.dumps(value)[:40]}, not {what}"
+    return None
 
 
 def params_hash(params: Mapping[str, Any]) -> str:
@@ -133,12 +220,23 @@ def read_results(path: str | os.PathLike[str]) -> Results:
                         f"{RESULTS_SCHEMA_VERSION})", file=str(path), key="schema_version",
                         fix="re-run the analysis stage with this version of replandscape")
     rows = data.get("rows", [])
+    if not isinstance(rows, list):
+        raise UserError("rows is not a list", file=str(path), key="rows",
+                        fix="re-run the analysis stage to rewrite it")
     for i, row in enumerate(rows):
-        missing = [k for k in ROW_REQUIRED if k not in row]
-        if missing:
-            raise UserError(f"row {i} lacks {', '.join(missing)}", file=str(path), key="rows",
+        problem = row_problem(row)
+        if problem:
+            raise UserError(f"row {i} {problem}", file=str(path), key=f"rows[{i}]",
                             fix="re-run the analysis stage to rewrite it")
-    return Results(analysis_params=data.get("analysis_params", {}), runs=data.get("runs", {}),
+    runs = data.get("runs", {})
+    if not isinstance(runs, dict) or not all(isinstance(v, dict) for v in runs.values()):
+        raise UserError("runs is not an object of objects", file=str(path), key="runs",
+                        fix="re-run the analysis stage to rewrite it")
+    params = data.get("analysis_params", {})
+    if not isinstance(params, dict):
+        raise UserError("analysis_params is not an object", file=str(path),
+                        key="analysis_params", fix="re-run the analysis stage to rewrite it")
+    return Results(analysis_params=params, runs=runs,
                    rows=list(rows), code_version=data.get("code_version", ""), path=path)
 
 

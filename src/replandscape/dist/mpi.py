@@ -127,16 +127,64 @@ def dynamic_tasks(comm: Any, n_tasks: int) -> Iterator[int]:
         counter.free()
 
 
+def threads_for(cpus_in_affinity: int, slurm_cpus_per_task: int | None, local_ranks: int) -> int:
+    """Threads one rank may run: its own CPUs, shared with the ranks whose CPUs overlap its own.
+
+    Args:
+        cpus_in_affinity: CPUs this process may run on (``os.sched_getaffinity``).
+        slurm_cpus_per_task: ``SLURM_CPUS_PER_TASK`` when set: the task's allocation, which
+            bounds the count when the affinity is wider than the allocation (a task plugin that
+            does not bind, e.g. ``task/none``).
+        local_ranks: ranks on this node whose CPU sets overlap this rank's, itself included
+            (1 when every rank is bound to its own CPUs, all ranks of the node when none is).
+
+    Returns:
+        At least 1.
+    """
+    threads = max(1, cpus_in_affinity) // max(1, local_ranks)
+    if slurm_cpus_per_task:
+        threads = min(threads, slurm_cpus_per_task)
+    return max(1, threads)
+
+
+def _affinity() -> frozenset[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def _slurm_cpus_per_task() -> int | None:
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def ranks_sharing_cpus(comm: Any, cpus: frozenset[int]) -> int:
+    """Ranks on this node (``comm``'s shared-memory split) whose CPU sets overlap ``cpus``,
+    this rank included. Collective over ``comm``."""
+    if isinstance(comm, _SerialComm) or comm.size == 1:
+        return 1
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        sets = local.allgather(sorted(cpus))
+    finally:
+        local.Free()
+    return sum(1 for other in sets if cpus.intersection(other))
+
+
 def threads_per_rank(comm: Any, requested: int | None) -> int:
-    """Cores of this node shared among the ranks on it (at least one thread each)."""
+    """Threads for this rank: ``requested`` when given, else this rank's share of the CPUs it
+    may run on (see :func:`threads_for`). Collective over ``comm`` unless ``requested`` is given
+    (every rank reads the same config, so all ranks take the same branch).
+
+    Ranks are counted per node, not over the world: 16 ranks on 4 nodes of 8 CPUs each, bound
+    to 8 CPUs per task, run 8 threads each, not 8 // 16.
+    """
     if requested:
         return requested
-    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-                or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
-    if not local:
-        local = comm.size
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // max(1, local))
+    cpus = _affinity()
+    return threads_for(len(cpus), _slurm_cpus_per_task(), ranks_sharing_cpus(comm, cpus))
 
 
 @contextmanager

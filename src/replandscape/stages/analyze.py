@@ -3,22 +3,29 @@
 Serial (``replandscape run analyze CONFIG``) or under ``mpiexec``/``srun --mpi=pmix``. Each task is
 one site of one activation file; ranks take tasks dynamically, read only the site they work on, and
 write one small JSON per task (atomically), so a re-run skips finished tasks and an aborted job keeps
-what it had. Rank 0 then gathers the task files into ``analysis/results.json`` with the provenance of
-each run. The per-point arrays of each task (question id, ADP cluster without and with halo, kNN
-log-density) go to ``analysis/points/TASK.npz``, named by the row's ``points`` entry. The metrics
-themselves are pure functions (:mod:`replandscape.metrics.geometry`).
+what it had. A task file records the analysis parameters and the identity of its input (see
+:func:`input_id`): a task whose activation file was replaced since (another extraction into the
+same folder) is computed again, and the run says which. Rank 0 holds the folder's ``analyze`` lock
+for the whole run, so two analyses never write one output. Rank 0 then gathers the task files into
+``analysis/results.json`` with the provenance of each run. The per-point arrays of each task
+(question id, ADP cluster without and with halo, kNN log-density) go to
+``analysis/points/TASK.npz``, named by the row's ``points`` entry. The relative depth of a site is
+:func:`replandscape.results.relative_depth`, the same for every site kind. The metrics themselves
+are pure functions (:mod:`replandscape.metrics.geometry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +38,15 @@ from replandscape.atomic import write_npz_atomic, write_text_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
 from replandscape.errors import UserError
+from replandscape.lock import stage_lock
 from replandscape.progress import progress as make_progress
-from replandscape.results import Results, params_hash, write_results
+from replandscape.results import (
+    Results,
+    n_blocks_from_sites,
+    params_hash,
+    site_depths,
+    write_results,
+)
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
@@ -45,6 +59,8 @@ class Task:
     site: str
     site_index: int
     n_sites: int
+    relative_depth: float
+    input_id: str
 
     @property
     def key(self) -> str:
@@ -80,6 +96,43 @@ def activation_files(cfg: ExperimentConfig) -> list[Path]:
     return files
 
 
+def input_id(path: Path, attrs: Mapping[str, Any]) -> str:
+    """Identity of one activation file's content, for telling a replaced file from the one a task
+    was computed on.
+
+    The extraction's ``stage_hash`` (what produced the rows) with the per-dataset checksums
+    (``digests``, JSON) when the file carries them; without them, the file's size, modification
+    time (ns) and ``created`` stamp stand in for its content (a copy that does not keep the
+    modification time is then analysed again, never wrongly kept).
+    """
+    key: dict[str, Any] = {"stage_hash": str(attrs.get("stage_hash", ""))}
+    digests = attrs.get("digests")
+    parsed = None
+    if digests:
+        try:
+            parsed = json.loads(digests)
+        except (TypeError, ValueError):
+            parsed = None
+    if isinstance(parsed, dict) and parsed:
+        key["digests"] = parsed
+    else:
+        st = Path(path).stat()
+        key.update(size=st.st_size, mtime_ns=st.st_mtime_ns, created=str(attrs.get("created", "")))
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def n_blocks_of(attrs: Mapping[str, Any]) -> int | None:
+    """The number of decoder blocks recorded in the file's config (``model.n_layers``)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(str(attrs.get("config", "")))
+        value = cfg["model"]["n_layers"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def balanced_subsample(question_ids: np.ndarray, subjects: np.ndarray, cap: int | None,
                        seed: int) -> np.ndarray:
     """Row mask keeping at most ``cap`` questions per subject, chosen from (seed, subject)."""
@@ -106,6 +159,9 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
             condition = str(attrs["condition"])
             run = f"{attrs['model_name']}/{condition}"
             step = int(attrs.get("checkpoint_step", -1))
+            identity = input_id(path, attrs)
+            # per-block sites name their block; the config's count serves files with none
+            depths = site_depths(names, n_blocks_from_sites(names) or n_blocks_of(attrs))
             runs[run] = {
                 "model": str(attrs["model_name"]), "condition": condition,
                 "shots": int(attrs["shots"]), "finetuned": bool(attrs.get("finetuned", False)),
@@ -116,7 +172,7 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
                                "model_revision": attrs.get("model_revision"),
                                "checkpoint": attrs.get("checkpoint"),
                                "code_version": attrs.get("code_version"),
-                               "n_rows": int(attrs["n_rows"])},
+                               "n_rows": int(attrs["n_rows"]), "input_id": identity},
             }
             qids = af.rows("question_id")
             keep = balanced_subsample(qids, af.rows("subject"), cfg.analysis.per_subject_cap,
@@ -127,7 +183,8 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
         for i, name in enumerate(names):
             if wanted is not None and i not in wanted and (i - len(names)) not in wanted:
                 continue
-            tasks.append(Task(run, condition, str(path), name, i, len(names)))
+            tasks.append(Task(run, condition, str(path), name, i, len(names), depths[i],
+                              identity))
     if cfg.analysis.sites is not None:
         bad = [s for s in cfg.analysis.sites if not -len(names) <= s < len(names)]
         if bad:
@@ -178,8 +235,8 @@ def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool,
                                   neighbours=neighbours)
     row = result.to_json_dict()
     row.update(run=task.run, site=task.site, site_index=task.site_index,
-               relative_depth=task.site_index / max(1, task.n_sites - 1),
-               n_subsampled=int(len(x)), seconds_total=time.perf_counter() - t0)
+               relative_depth=task.relative_depth, n_subsampled=int(len(x)),
+               seconds_total=time.perf_counter() - t0)
     points = result.point_arrays()
     points["question_id"] = np.asarray(qids, dtype=np.int64)[points.pop("kept_rows")]
     return row, points
@@ -212,7 +269,7 @@ def run_task_split(task: Task, cfg: ExperimentConfig, threads: int, comm: Any) -
 def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str, Any]:
     """A site with nothing to measure: recorded, with its reason, and drawn as a gap."""
     return {"run": task.run, "site": task.site, "site_index": task.site_index,
-            "relative_depth": task.site_index / max(1, task.n_sites - 1), "n_points": 1,
+            "relative_depth": task.relative_depth, "n_points": 1,
             "n_subsampled": n, "n_duplicates": n - 1, "id_twonn": None, "id_gride": [],
             "id": None, "n_peaks": None, "core_fraction": None, "peaks": None, "ari": {},
             "overlap": {},
@@ -230,15 +287,47 @@ def _save_task(out: Path, task: Task, phash: str, row: dict[str, Any],
         rel = f"points/{task.key}.npz"
         write_npz_atomic(out / rel, points)
         row = {**row, "points": rel}
-    _atomic_json(out / "tasks" / f"{task.key}.json", {"params_hash": phash, "row": row})
+    _atomic_json(out / "tasks" / f"{task.key}.json",
+                 {"params_hash": phash, "input_id": task.input_id, "row": row})
 
 
-def _read_task(path: Path, phash: str) -> dict[str, Any] | None:
+def _load_task_file(path: Path) -> dict[str, Any] | None:
+    """A task file's content, or None when it is absent, unreadable or of the wrong shape (a
+    JSON object holding a ``row`` object)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return data["row"] if data.get("params_hash") == phash else None
+    if not isinstance(data, dict) or not isinstance(data.get("row"), dict):
+        return None
+    return data
+
+
+def _read_task(path: Path, phash: str, task: Task) -> dict[str, Any] | None:
+    """The row of a finished task computed with these parameters on this input, else None."""
+    data = _load_task_file(path)
+    if data is None or data.get("params_hash") != phash or data.get("input_id") != task.input_id:
+        return None
+    return dict(data["row"])
+
+
+def report_changed_inputs(task_dir: Path, phash: str, tasks: Sequence[Task]) -> str | None:
+    """One line naming the tasks to be computed again because their activation file changed
+    since their result was written (same analysis parameters, other input), or None."""
+    changed: dict[str, int] = {}
+    unrecorded = False
+    for task in tasks:
+        data = _load_task_file(task_dir / f"{task.key}.json")
+        if data is not None and data.get("params_hash") == phash \
+                and data.get("input_id") != task.input_id:
+            changed[task.run] = changed.get(task.run, 0) + 1
+            unrecorded = unrecorded or "input_id" not in data
+    if not changed:
+        return None
+    what = ", ".join(f"{run} ({n} site{'s' if n > 1 else ''})" for run, n in sorted(changed.items()))
+    since = " (or is not recorded)" if unrecorded else ""
+    return (f"[analyze] recomputing {sum(changed.values())} task(s) whose activation file "
+            f"changed since they were analysed{since}: {what}")
 
 
 def check_device(cfg: AnalysisConfig) -> None:
@@ -265,15 +354,30 @@ def run(cfg: ExperimentConfig) -> Path:
     task_dir = out / "tasks"
     params = analysis_params(cfg.analysis)
     phash = params_hash(params)
-    with mpi.abort_on_error(comm, "planning"):
-        check_device(cfg.analysis)
-        if comm.rank == 0:
-            task_dir.mkdir(parents=True, exist_ok=True)
-            tasks, runs = plan_tasks(cfg, activation_files(cfg))
-            plan = (tasks, runs)
-        else:
-            plan = None
-        tasks, runs = comm.bcast(plan, root=0)
+    with ExitStack() as held:
+        with mpi.abort_on_error(comm, "planning"):
+            if comm.rank == 0:
+                # one analysis per output at a time, held until the results file is written
+                held.enter_context(stage_lock(out, "analyze"))
+            check_device(cfg.analysis)
+            if comm.rank == 0:
+                task_dir.mkdir(parents=True, exist_ok=True)
+                tasks, runs = plan_tasks(cfg, activation_files(cfg))
+                changed = report_changed_inputs(task_dir, phash, tasks)
+                if changed:
+                    print(changed, file=sys.stderr, flush=True)
+                plan = (tasks, runs)
+            else:
+                plan = None
+            tasks, runs = comm.bcast(plan, root=0)
+        return _run_planned(cfg, comm, tasks, runs, params, phash)
+
+
+def _run_planned(cfg: ExperimentConfig, comm: Any, tasks: list[Task], runs: dict[str, Any],
+                 params: dict[str, Any], phash: str) -> Path:
+    """Compute the unfinished tasks over the ranks, then gather every row on rank 0."""
+    out = cfg.output_dir / "analysis"
+    task_dir = out / "tasks"
     threads = mpi.threads_per_rank(comm, cfg.analysis.threads_per_rank)
     done_here = 0
     progress = make_progress(len(tasks), "analyze", show=comm.rank == 0, unit="site")
@@ -281,7 +385,7 @@ def run(cfg: ExperimentConfig) -> Path:
         # every rank on every site, one site after another
         for task in tasks:
             path = task_dir / f"{task.key}.json"
-            finished = comm.bcast(path.exists() and _read_task(path, phash) is not None
+            finished = comm.bcast(_read_task(path, phash, task) is not None
                                   if comm.rank == 0 else None, root=0)
             if not finished:
                 with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
@@ -294,7 +398,7 @@ def run(cfg: ExperimentConfig) -> Path:
         for index in mpi.dynamic_tasks(comm, len(tasks)):
             task = tasks[index]
             path = task_dir / f"{task.key}.json"
-            if path.exists() and _read_task(path, phash) is not None:
+            if _read_task(path, phash, task) is not None:
                 progress.update(1)
                 continue
             with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
@@ -307,14 +411,16 @@ def run(cfg: ExperimentConfig) -> Path:
     results_path = out / "results.json"
     if comm.rank == 0:
         rows = []
-        for task in tasks:
-            found = _read_task(task_dir / f"{task.key}.json", phash)
-            if found is None:
-                raise UserError(f"task {task.key} has no result", file=str(task_dir),
-                                fix="re-run the analysis")
-            rows.append(found)
-        results = Results(analysis_params=params, runs=runs, rows=rows, code_version=__version__)
-        write_results(results, results_path)
+        with mpi.abort_on_error(comm, "gathering the results"):  # the others wait in Barrier
+            for task in tasks:
+                found = _read_task(task_dir / f"{task.key}.json", phash, task)
+                if found is None:
+                    raise UserError(f"task {task.key} has no result", file=str(task_dir),
+                                    fix="re-run the analysis")
+                rows.append(found)
+            results = Results(analysis_params=params, runs=runs, rows=rows,
+                              code_version=__version__)
+            write_results(results, results_path)
         print(f"[analyze] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
               f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
     comm.Barrier()
