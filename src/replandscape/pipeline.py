@@ -28,7 +28,15 @@ STAGE_HELP = {
 
 
 def run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
-    """Run one stage in this process (ranks, if any, come from the environment)."""
+    """Run one stage in this process (ranks, if any, come from the environment); with
+    ``REPLANDSCAPE_PEAK_MEMORY=DIR`` each rank records its peak memory (:mod:`memprobe`)."""
+    from replandscape.memprobe import track_peak_memory
+
+    with track_peak_memory(name):
+        return _run_stage(name, cfg, **kwargs)
+
+
+def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
     if name == "extract":
         from replandscape.stages import extract
 

@@ -161,3 +161,32 @@ def print0(*args: Any, **kwargs: Any) -> None:
     if rank_info().is_main:
         stream = kwargs.pop("file", sys.stderr)
         print(*args, file=stream, flush=True, **kwargs)
+
+
+def zero3_bounded_memory(hidden_size: int | None) -> dict[str, Any]:
+    """ZeRO-3 settings that keep each rank to its share of the weights plus the layer in use and
+    a bounded prefetch, for inference and training alike.
+
+    DeepSpeed keeps a gathered weight alive when its next use is nearer than
+    ``stage3_max_reuse_distance`` elements (default 1e9) and up to ``stage3_max_live_parameters``
+    (1e9) of them: in training the backward pass reuses every weight of the forward, so with the
+    defaults any model under a billion parameters per rank stayed whole on every rank (measured:
+    2.9 GB per rank of anonymous memory for LoRA on a 760 MB model over 2 ranks). Releasing each
+    weight after use costs one more gather per weight in the backward pass, which ZeRO-3 is
+    designed around. Prefetching is bounded by the model's width (0.9 x hidden^2 elements, about
+    one attention projection, DeepSpeed's suggestion for transformers).
+    """
+    zero: dict[str, Any] = {"stage": 3, "stage3_max_reuse_distance": 0}
+    if hidden_size:
+        bucket = int(0.9 * hidden_size * hidden_size)
+        zero["stage3_prefetch_bucket_size"] = bucket
+        zero["stage3_max_live_parameters"] = 4 * bucket
+    return zero
+
+
+def model_hidden_size(path: str, revision: str | None = None) -> int | None:
+    """The width of a saved model, from its config alone (None when it names none)."""
+    from transformers import AutoConfig
+
+    size = getattr(AutoConfig.from_pretrained(path, revision=revision), "hidden_size", None)
+    return int(size) if isinstance(size, int) else None

@@ -14,8 +14,10 @@ ranks with fewer batches run small padding batches whose outputs are discarded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from replandscape.config import ExperimentConfig
 from replandscape.data import load_split, select_eval_questions, shots_by_subject
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
+from replandscape.outputs import ensure_dir
 from replandscape.progress import progress as make_progress
 from replandscape.prompts import PromptRecord, build_prompts, letter_token_ids
 from replandscape.storage import (
@@ -83,25 +86,37 @@ def shot_conditions(cfg: ExperimentConfig) -> list[Condition]:
 
 def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
     """The saved adapters of the finetune stage (final, or all log-spaced ones)."""
+    from replandscape.stored import read_checkpoint_index
+
     folder = cfg.output_dir / "finetune"
     index = folder / "checkpoints.json"
     if not index.is_file():
         raise UserError("no fine-tuned checkpoints", file=str(index),
                         fix="run the finetune stage first (replandscape run finetune CONFIG)")
-    entries = json.loads(index.read_text()).get("adapters", [])
     conds = []
-    for entry in entries:
-        path = folder / entry["name"]  # adapters live beside the index, wherever it was moved
-        final = entry["name"] == "adapter-final"
+    for entry in read_checkpoint_index(index).adapters:
+        path = folder / entry.name  # adapters live beside the index, wherever it was moved
+        final = entry.name == "adapter-final"
         if cfg.extract.checkpoints == "final" and not final:
             continue
-        name = "ft-final" if final else f"ft-step{int(entry['step']):06d}"
-        conds.append(Condition(name=name, shots=0, adapter=str(path),
-                               checkpoint_step=int(entry["step"])))
+        name = "ft-final" if final else f"ft-step{entry.step:06d}"
+        conds.append(Condition(name=name, shots=0, adapter=str(path), checkpoint_step=entry.step))
     if not conds:
         raise UserError("no usable fine-tuned checkpoint listed", file=str(index),
                         fix="re-run the finetune stage")
     return conds
+
+
+def finetune_test_accuracy(cfg: ExperimentConfig) -> float | None:
+    """The test accuracy the fine-tuning stage measured on its final adapter (None when the
+    stage has not finished or did not score a test split)."""
+    from replandscape.stored import read_finetune_result
+
+    path = cfg.output_dir / "finetune" / "result.json"
+    if not path.is_file():
+        return None
+    value = read_finetune_result(path).get("test_accuracy")
+    return None if value is None else float(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +154,9 @@ class LastTokenCapture:
     """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean)."""
 
     def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
-        self.decoder, self.blocks, self.norm, self.head = decoder_parts(model)
+        self.root = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder, self.blocks, self.norm, self.head = decoder_parts(base)
         self.kinds = list(kinds)
         self.pooling = pooling
         self.names = site_names(kinds, len(self.blocks))
@@ -206,8 +223,17 @@ class LastTokenCapture:
             handle.remove()
         self.handles.clear()
 
+    def _head_input_hook(self, _module: Any, args: Any) -> Any:
+        # the head sees only the kept token of each prompt (whatever the padding side), so the
+        # logits of the other positions are never computed
+        return (self.last_norm.unsqueeze(1),) + tuple(args[1:])
+
     def run(self, input_ids: Any, attention_mask: Any) -> tuple[dict[str, Any], Any]:
-        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V])."""
+        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V]).
+
+        The forward goes through the root module (the model DeepSpeed was given), never its
+        decoder or head alone, so ZeRO-3's start- and end-of-forward hooks run on every batch.
+        """
         import torch
 
         self.out = {}
@@ -216,9 +242,13 @@ class LastTokenCapture:
         self.positions = (attention_mask * idx).argmax(1)
         # explicit positions: left padding must not shift a prompt's positions
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids, use_cache=False)
-        logits = self.head(self.last_norm)
+        handle = self.head.register_forward_pre_hook(self._head_input_hook)
+        try:
+            output = self.root(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False)
+        finally:
+            handle.remove()
+        logits = output.logits[:, -1]
         if "logits" in self.kinds:
             self.out["logits"] = logits
         return self.out, logits
@@ -310,6 +340,14 @@ class LoadedModel:
 
 
 def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None) -> LoadedModel:
+    """The model of one condition, ready for extraction on this rank.
+
+    Under ZeRO-3 the base model is partitioned while it loads (``zero.Init`` through
+    ``HfDeepSpeedConfig``), with or without an adapter: no rank ever holds the whole model. A
+    LoRA adapter is applied as ``extract.adapter`` says: beside the base weights (``unmerged``,
+    the default: exactly the model the fine-tuning stage evaluated) or added into them in float32
+    one layer at a time under gathered parameters (``merged``).
+    """
     from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
@@ -323,36 +361,53 @@ def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None)
         torch.set_flush_denormal(True)
     tokenizer = load_tokenizer(path, cfg.model.revision, cfg.extract.padding_side)
     zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
-    if zero3 and adapter is None:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        ds_config = zero3_inference_config(dtype)
-        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while alive
+    if not zero3:
         model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
-        engine = deepspeed.initialize(model=model, config=ds_config)[0]
-        engine.module.eval()
-        del keep
-        return LoadedModel(engine.module, tokenizer, device, dtype, engine)
-    model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu",
-                           adapter=adapter)
-    if zero3:  # adapters are merged in full precision first, then partitioned
-        import deepspeed
+        if adapter is not None:
+            model = apply_adapter(model, adapter, cfg.extract.adapter)
+        model.to(device)
+        model.eval()
+        return LoadedModel(model, tokenizer, device, dtype)
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
 
-        engine = deepspeed.initialize(model=model, config=zero3_inference_config(dtype))[0]
-        engine.module.eval()
-        return LoadedModel(engine.module, tokenizer, device, dtype, engine)
-    model.to(device)
-    return LoadedModel(model, tokenizer, device, dtype)
+    ds_config = zero3_inference_config(dtype, torchdist.model_hidden_size(path, cfg.model.revision))
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while alive
+    model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
+    if adapter is not None:
+        model = apply_adapter(model, adapter, cfg.extract.adapter)
+    engine = deepspeed.initialize(model=model, config=ds_config)[0]
+    engine.module.eval()
+    del keep
+    return LoadedModel(engine.module, tokenizer, device, dtype, engine)
 
 
-def zero3_inference_config(dtype: str) -> dict[str, Any]:
+def apply_adapter(model: Any, adapter: str, mode: str) -> Any:
+    """Put the LoRA adapter saved in ``adapter`` on ``model`` (see :func:`load_for_extraction`)."""
+    from replandscape.adapters import merge_lora_float32, read_lora
+
+    lora = read_lora(adapter)
+    if mode == "merged":
+        merge_lora_float32(model, lora)
+        return model
+    from peft import PeftModel
+
+    # adapter weights keep their own precision (float32 beside a bf16 base), as in training
+    peft_model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=True)
+    peft_model.eval()
+    return peft_model
+
+
+def zero3_inference_config(dtype: str, hidden_size: int | None = None) -> dict[str, Any]:
+    """DeepSpeed ZeRO-3 settings for inference: each rank holds its share of the weights plus the
+    layer being computed and a bounded prefetch (:func:`torchdist.zero3_bounded_memory`)."""
+    zero = {**torchdist.zero3_bounded_memory(hidden_size),
+            "stage3_param_persistence_threshold": 0, "overlap_comm": False}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "overlap_comm": False},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -424,7 +479,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     specs = [SiteSpec(n, head_dim if n == "logits" else hidden, store) for n in capture.names]
     start, stop = split_rows(lengths.tolist(), info.world_size)[info.rank]
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out_dir)
     torchdist.barrier()
     comm = mpio_comm(cfg, info)
     writer: ShardWriter | MpioWriter
@@ -485,8 +540,14 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
             "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
             "dtype": loaded.dtype, "store_dtype": store,
             "zero_stage": 3 if loaded.engine is not None else 0,
-            "world_size": info.world_size,
+            "world_size": info.world_size, "adapter_mode": (
+                cfg.extract.adapter if condition.adapter is not None else ""),
         }
+        if condition.name == "ft-final":
+            # what the fine-tuning stage scored on the same questions: a later reader (status,
+            # the report) can tell whether the extracted model is the one that was evaluated
+            reference = finetune_test_accuracy(cfg)
+            header["finetune_test_accuracy"] = -1.0 if reference is None else reference
         subjects, prompts = [r.subject for r in records], [r.prompt for r in records]
         if comm is not None:
             finalize_mpio(final, specs, header, subjects, prompts)
@@ -500,16 +561,51 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
 
 def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
     """Extract every condition of ``cfg`` (k-shot ones, or the fine-tuned checkpoints)."""
+    from replandscape.allocator import return_freed_memory
+
     device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
     info = torchdist.init_distributed(device)
+    if cfg.extract.zero_stage == 3 and torchdist.is_distributed():
+        # ZeRO-3 gathers each layer's full weights and frees them after use, layer after
+        # layer: the freed copies must leave the process (see allocator.return_freed_memory)
+        with return_freed_memory():
+            return _run(cfg, finetuned, device, info)
+    return _run(cfg, finetuned, device, info)
+
+
+def _run(cfg: ExperimentConfig, finetuned: bool, device: str,
+         info: torchdist.RankInfo) -> ExtractResult:
+    from replandscape.lock import stage_lock
+
     conditions = finetuned_conditions(cfg) if finetuned else shot_conditions(cfg)
+    stage = "extract-ft" if finetuned else "extract"
+    out_dir = cfg.output_dir / "activations"
+    # one run per output folder and stage: rank 0 holds the lock, every rank learns the outcome
+    with contextlib.ExitStack() as stack:
+        problem: str | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(stage_lock(ensure_dir(out_dir), stage))
+            except UserError as exc:
+                problem = str(exc)
+        problem = torchdist.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        return _run_locked(cfg, conditions, device, info)
+
+
+def _run_locked(cfg: ExperimentConfig, conditions: Sequence[Condition], device: str,
+                info: torchdist.RankInfo) -> ExtractResult:
     result = ExtractResult()
+    todo = [c for c in conditions if existing_output(cfg, c) is None]
+    # every condition's prompts are built (and the data checked) before a model is loaded:
+    # a bad data row is reported in seconds, not after loading a 70B model
+    records = {c.name: prepare_records(cfg, c.shots) for c in todo}
     base: LoadedModel | None = None
     t0 = time.perf_counter()
     for cond in conditions:
-        existing = existing_output(cfg, cond)
-        if existing is not None:
-            path = existing
+        if cond not in todo:
+            path = cfg.output_dir / "activations" / f"{cond.name}.h5"
             result.skipped.append(cond.name)
         else:
             if cond.adapter is not None:
@@ -517,12 +613,20 @@ def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
             else:
                 base = base or load_for_extraction(cfg, device, None)
                 loaded = base
-            path = extract_condition(cfg, cond, loaded)
+            path = extract_condition(cfg, cond, loaded, records[cond.name])
+            if cond.adapter is not None:
+                del loaded
         with open_activations(path) as af:
             result.accuracy[cond.name] = af.accuracy
+            reference = af.attrs.get("finetune_test_accuracy")
         result.files[cond.name] = path
         if info.is_main:
             acc = result.accuracy[cond.name]
             torchdist.print0(f"[extract] {cond.name}: {path} accuracy micro={acc['micro']:.3f} "
                              f"macro={acc['macro']:.3f} ({time.perf_counter() - t0:.1f} s)")
+            if reference is not None and float(reference) >= 0 and not math.isclose(
+                    float(reference), acc["micro"], abs_tol=1e-9):
+                torchdist.print0(f"[extract] warning: {cond.name} scores {acc['micro']:.4f} but "
+                                 f"the fine-tuning stage measured {float(reference):.4f} on the "
+                                 "same questions: the extracted model is not the evaluated one")
     return result
