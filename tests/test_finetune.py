@@ -358,6 +358,16 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path: Path, zero_stage: in
     ds = tmp_path / "resumed" / "finetune" / "ds"
     assert json.loads((ds / "resume.json").read_text())["step"] == 10
     assert len(read_log(tmp_path / "resumed")) == 12  # steps 11 and 12 are thrown away later
+    _assert_resume_state_is_not_pickled(ds / "step000010", world)
+    # the killed run listed adapters, but it is not done: no result.json, the stage's marker
+    from replandscape.stages import finetune
+    from replandscape.sweep import output_complete
+
+    killed_cfg = make_cfg(tmp_path / "resumed", **ft)
+    assert (tmp_path / "resumed" / "finetune" / "checkpoints.json").is_file()
+    assert not finetune.is_complete(killed_cfg)
+    assert not output_complete("finetune", tmp_path / "resumed" / "finetune" / "result.json",
+                               killed_cfg)
 
     procs = launch({"mode": "train", "runs": [
         {"out": str(tmp_path / "resumed"), "finetune": ft},
@@ -379,6 +389,82 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path: Path, zero_stage: in
             assert a[key].equal(b[key]), (name, key)
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     assert [c["name"] for c in resumed["checkpoints"]] == [c["name"] for c in straight["checkpoints"]]
+    assert finetune.is_complete(killed_cfg)
+
+
+def _assert_resume_state_is_not_pickled(step_dir: Path, world: int) -> None:
+    """RNG states are plain arrays; DeepSpeed's files load with weights_only=True; no code."""
+    import numpy as np
+
+    from replandscape.stages.finetune import WeightsOnlyLoads
+
+    rng = sorted(step_dir.glob("rng_rank*"))
+    assert [p.name for p in rng] == [f"rng_rank{r:05d}.npz" for r in range(world)]
+    for path in rng:
+        with np.load(path, allow_pickle=False) as z:  # would raise on an object array
+            assert z["torch"].dtype == np.uint8 and z["python_state"].shape == (625,)
+        with open(path, "rb") as fh:
+            assert fh.read(2) == b"PK"  # a zip of .npy files, not a pickle stream (0x80)
+    ds_files = sorted(step_dir.glob("*.pt"))
+    assert ds_files and not list(step_dir.parent.glob("*.py"))
+    loader = WeightsOnlyLoads(None)
+    for path in ds_files:
+        assert isinstance(loader.load(str(path), map_location="cpu"), dict)
+
+
+class _CallsOnLoad:
+    """Pickles as a call of a function: what a tampered checkpoint would hold."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (os.getpid, ())
+
+
+def test_deepspeed_checkpoint_loads_refuse_pickled_code(tmp_path: Path) -> None:
+    import torch
+
+    from replandscape.stages.finetune import (
+        DEEPSPEED_SAFE_GLOBALS,
+        WeightsOnlyLoads,
+        _deepspeed_safe_globals,
+    )
+
+    allowed = [f"{g.__module__}.{g.__qualname__}" for g in _deepspeed_safe_globals()]
+    assert allowed == list(DEEPSPEED_SAFE_GLOBALS)  # the documented list is the one in force
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "extra": _CallsOnLoad()}, evil)
+    with pytest.raises(UserError, match="refused unread") as exc:
+        WeightsOnlyLoads(None).load(str(evil), map_location="cpu")
+    _assert_one_line(exc)
+    assert str(evil) in str(exc.value) and "ds folder" in str(exc.value)
+    cut = tmp_path / "cut.pt"
+    torch.save({"w": torch.zeros(1000)}, cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    with pytest.raises(UserError, match="cannot be read") as exc:
+        WeightsOnlyLoads(None).load(str(cut))
+    _assert_one_line(exc)
+
+
+def test_rng_state_round_trips_through_plain_arrays(tmp_path: Path) -> None:
+    import random
+
+    import torch
+
+    from replandscape.stages.finetune import load_rng_state, save_rng_state
+
+    random.seed(5)
+    torch.manual_seed(5)
+    random.gauss(0, 1)  # leaves a cached gauss value in the state
+    save_rng_state(tmp_path / "rng.npz")
+    expected = (random.random(), random.gauss(0, 1), torch.rand(3))
+    random.seed(9)
+    torch.manual_seed(9)
+    load_rng_state(tmp_path / "rng.npz")
+    got = (random.random(), random.gauss(0, 1), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+    (tmp_path / "rng.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="RNG state cannot be read") as exc:
+        load_rng_state(tmp_path / "rng.npz")
+    _assert_one_line(exc)
 
 
 # --------------------------------------------------------------------------------------------

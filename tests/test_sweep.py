@@ -252,3 +252,55 @@ def test_validate_checks_every_experiment_of_a_sweep(tmp_path: Path) -> None:
     bad = _sweep_file(tmp_path, _small(tmp_path), overrides=["analysis.per_subject_cap=3"])
     line = one_line_error(cli("validate", str(bad)))
     assert "analysis.maxk" in line and "sees 18 points" in line
+
+
+def test_a_model_larger_than_its_gpus_is_refused_before_queueing(tmp_path: Path) -> None:
+    from replandscape.config import load_config
+    from replandscape.sweep import fewest_gpus, gpu_memory_gb
+
+    exp = REPO / "configs" / "experiments" / "mmlu-llama3-70b.yaml"
+    line = one_line_error(cli("submit", str(exp), "cluster=example-gpu", "model.gpus=1",
+                              "--dry-run"))
+    assert "model.gpus" in line and "needs at least 3 GPUs" in line and "80 GB" in line
+    assert "set model.gpus=3" in line
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {"name": "big", "output_root": str(tmp_path / "o"),
+                                               "experiments": [str(exp)]}}))
+    line = one_line_error(cli("validate", str(sweep), "-o", "cluster=example-gpu",
+                              "-o", "model.gpus=1"))
+    assert "needs at least 3 GPUs" in line
+    # the shipped layout fits: 4 x 80 GB, weights partitioned by ZeRO-3
+    cfg = load_config(str(exp), ["cluster=example-gpu"])
+    assert cfg.model.gpus == 4 and cfg.cluster.gpu_mem_gb == 80
+    need, sharded = gpu_memory_gb(cfg, "extract", 4)
+    assert sharded and need == pytest.approx(70.6 * 2 * 1.2 / 4)
+    assert gpu_memory_gb(cfg, "finetune", 4)[0] < 80 < gpu_memory_gb(cfg, "finetune", 1)[0]
+    assert fewest_gpus(cfg, "finetune", 80) == 3 and fewest_gpus(cfg, "extract", 200) == 1
+
+
+def test_an_unfinished_finetune_is_not_done_for_submit_or_status(tmp_path: Path) -> None:
+    from replandscape.launch import record_entry
+
+    cfg = _small(tmp_path, prompts={"shots": [0]})
+    run = cli("run", "finetune", str(cfg))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+
+    def seen() -> tuple[bool, str]:
+        jobs = plan_sweep(single_experiment(str(cfg), SLURM))
+        (out / "sweep-t.json").write_text(json.dumps(
+            {"sweep": "t", "jobs": [record_entry(j) for j in jobs]}))
+        status = cli("status", str(out))
+        assert status.returncode == 0, status.stderr
+        line = next(ln for ln in status.stdout.splitlines() if "t/finetune" in ln)
+        return next(j for j in jobs if j.stage == "finetune").done, line.split()[-1]
+
+    assert seen() == (True, "1/1")
+    # cut short after its adapters were listed (checkpoints.json) but before its marker
+    result = out / "finetune" / "result.json"
+    kept = result.read_text()
+    result.unlink()
+    assert (out / "finetune" / "checkpoints.json").is_file()
+    assert seen() == (False, "0/1")
+    result.write_text(kept[: len(kept) // 2])  # a damaged marker is not a finished run either
+    assert seen() == (False, "0/1")

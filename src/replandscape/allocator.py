@@ -53,20 +53,24 @@ _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
 @contextmanager
-def return_freed_memory(threshold_bytes: int = 2**20) -> Iterator[None]:
+def return_freed_memory(threshold_bytes: int = 2**17) -> Iterator[None]:
     """Hand freed blocks above ``threshold_bytes`` back to the kernel at once, for a stage that
     runs a model partitioned by ZeRO-3.
 
     Under ZeRO-3 each module's full weights are created (or gathered) and freed again, module
-    after module, when the model loads and in every forward pass. glibc raises its mmap threshold
-    each time a large block is freed (up to 32 MB), so the next full copies land on the heap, and
-    freed heap memory stays in the process. Measured on 2 CPU ranks with a 760 MB float32 model:
-    each rank's anonymous memory reached 1.0-1.2 GB, more than the whole model, of which
-    ``malloc_trim`` handed back 420 MB after one forward pass: garbage, not tensors. With a fixed
-    threshold the peak was the rank's 380 MB share plus 70-90 MB. Activations above the threshold
-    are then mapped afresh each time (page faults); on a GPU they live on the device anyway. On
-    exit the threshold is set to glibc's usual ceiling and the heap is trimmed. A no-op off glibc,
-    and in a process that keeps freed memory on purpose (:func:`retain_freed_memory`).
+    after module, when the model loads and in every forward and backward pass. glibc raises its
+    mmap threshold each time a large block is freed (up to 32 MB), so the next full copies land on
+    the heap, and freed heap memory stays in the process. Measured on 2 CPU ranks with a 760 MB
+    float32 model (``benchmarks/bench_memory.py``): each rank's anonymous memory reached 1.0-1.2
+    GB in extraction, more than the whole model, of which ``malloc_trim`` handed back 420 MB after
+    one forward pass: garbage, not tensors. With a fixed 128 KB threshold extraction peaked at the
+    rank's 380 MB share plus 70-90 MB, and LoRA training at 1.0 GB instead of 1.24 GB (training
+    also keeps activations for the backward pass; with 1 MB the many sub-MB activations still
+    fragmented the heap). Blocks above the threshold are then mapped afresh each time (page
+    faults: LoRA training on CPU ran 1.3x longer); on a GPU the weights and activations live on
+    the device and the host allocates little. On exit the threshold is set to glibc's usual
+    ceiling and the heap is trimmed. A no-op off glibc, and in a process that keeps freed memory
+    on purpose (:func:`retain_freed_memory`).
     """
     libc = _libc()
     if libc is None:

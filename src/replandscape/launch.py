@@ -24,6 +24,7 @@ from replandscape.sweep import (
     Sweep,
     check_outputs_free,
     check_partition,
+    output_complete,
     plan_sweep,
     single_experiment,
 )
@@ -94,9 +95,7 @@ def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str
                               "output_root": str(sweep.output_root), "submitted": time.time(),
                               "jobs": []}
     for job in jobs:
-        entry: dict[str, Any] = {"key": job.key, "stage": job.stage, "outputs": list(job.outputs),
-                                 "done_before": job.done, "job_ids": [],
-                                 "labels": list(job.array_labels)}
+        entry = record_entry(job)
         record["jobs"].append(entry)
         if job.done:
             continue
@@ -119,6 +118,14 @@ def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str
         entry["logs"] = [str(h.paths.stderr) for h in handles]
         ids[job.key] = entry["job_ids"]
     return record
+
+
+def record_entry(job: JobSpec) -> dict[str, Any]:
+    """A job's entry in the sweep record, before submission (no job ids yet). It keeps the
+    config file and overrides so ``status`` can check each output against its config."""
+    return {"key": job.key, "stage": job.stage, "outputs": list(job.outputs),
+            "done_before": job.done, "job_ids": [], "labels": list(job.array_labels),
+            "config_file": job.config_file, "overrides": list(job.overrides)}
 
 
 def sweep_record_path(output_root: Path, name: str) -> Path:
@@ -252,14 +259,28 @@ def wait_for(record: dict[str, Any], timeout_s: float, poll_s: float = 3.0) -> i
 
 
 def missing_outputs(record: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(job, id, path) of every finished task whose output is absent: Slurm can report a job as
-    completed when its step never launched."""
+    """(job, id, path) of every finished task whose output is absent or incomplete: Slurm can
+    report a job as completed when its step never launched."""
     out = []
     for job in record["jobs"]:
+        cfg = job_config(job)
         for jid, path in zip(job["job_ids"], job.get("task_outputs", [])):
-            if not Path(path).exists():
+            if not output_complete(job.get("stage", ""), path, cfg):
                 out.append((job["key"], jid, path))
     return out
+
+
+def job_config(entry: dict[str, Any]) -> Any:
+    """The config a recorded job ran with (an ``ExperimentConfig``), or None when the record
+    predates it or the config no longer loads (moved, edited into an error): the outputs are
+    then checked without it."""
+    file = entry.get("config_file")
+    if not file or entry.get("stage") == "figures":
+        return None
+    try:
+        return load_config(file, list(entry.get("overrides", [])))
+    except (UserError, OSError):
+        return None
 
 
 def last_error_line(log: Path) -> str:

@@ -17,6 +17,14 @@ A sweep file::
 Per experiment: ``extract`` (a job array, one task per shot count), ``finetune``, ``extract-ft``
 (after finetune), ``analyze`` (after both; MPI ranks through srun); then one ``figures`` job after
 every analysis.
+
+Whether an output is complete is decided by one function, :func:`output_complete`, for planning
+(complete outputs are skipped) and for ``replandscape status`` alike. Each stage writes its marker
+last: extraction renames its finished ``.h5`` into place, fine-tuning writes ``result.json`` after
+its final adapter and evaluation, the analysis writes ``results.json`` with its parameters' hash.
+
+Before anything is queued, :func:`check_gpu_memory` refuses a model whose weights cannot fit the
+profile's GPUs (``cluster.gpu_mem_gb``) at ``model.gpus``, naming the GPU count that would.
 """
 
 from __future__ import annotations
@@ -146,6 +154,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         out = Path(spec.output_root) / cfg.run.name
         extra.append(f"run.output_dir={out}")
         cfg = load_config(file, extra)
+        check_model_fits(cfg, file)
         experiments.append(Experiment(file, tuple(extra), cfg))
     return Sweep(spec.name, Path(spec.output_root), experiments, str(path))
 
@@ -153,8 +162,20 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
 def single_experiment(config_file: str, overrides: Sequence[str]) -> Sweep:
     """A one-experiment sweep (the demo on Slurm, ``replandscape submit CONFIG``)."""
     cfg = load_config(config_file, overrides)
+    check_model_fits(cfg, config_file)
     return Sweep(cfg.run.name, cfg.output_dir, [Experiment(config_file, tuple(overrides), cfg)],
                  config_file)
+
+
+def check_model_fits(cfg: ExperimentConfig, where: str) -> None:
+    """Refuse ``cfg`` if a GPU stage of it cannot fit its GPUs (:func:`check_gpu_memory`); run on
+    every experiment a sweep loads, so ``validate`` and ``submit`` refuse it before queueing.
+
+    Raises:
+        UserError: One line with the estimate and the GPU count that would hold the model.
+    """
+    for stage in ("extract", "finetune") if cfg.finetune.enabled else ("extract",):
+        check_gpu_memory(cfg, stage, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +209,91 @@ def _job(cfg: ExperimentConfig, exp: Experiment, stage: str, key: str, *, gpus: 
                    mem_gb=mem, timeout_min=c.timeout_min, cluster=dataclasses.asdict(c), **kw)
 
 
+# Memory of one GPU, estimated from the config alone (no model is loaded). Weights take
+# n_params_b * 1e9 * bytes per parameter, split over the GPUs only where ZeRO-3 partitions them.
+BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
+# activations of a batch, the CUDA context and allocator slack, as a factor on the estimate
+INFERENCE_OVERHEAD = 1.2
+FINETUNE_OVERHEAD = 1.2
+# per LoRA parameter: fp32 master weight, gradient and Adam's two moments
+LORA_STATE_BYTES = 16
+# d_in + d_out of a LoRA target, in units of hidden_size (Llama-like shapes; MLP up to ~3.5x)
+_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "dense",
+                      "qkv_proj", "c_attn", "c_proj", "out_proj", "Wqkv")
+ATTENTION_WIDTH = 2.0
+MLP_WIDTH = 4.5
+GPU_STAGES = ("extract", "finetune", "extract-ft")
+
+
+def lora_params(cfg: ExperimentConfig) -> float:
+    """Estimated LoRA parameter count: per block and target, rank x (d_in + d_out)."""
+    f, m = cfg.finetune, cfg.model
+    width = sum(ATTENTION_WIDTH if t in _ATTENTION_TARGETS else MLP_WIDTH
+                for t in f.target_modules)
+    return float(m.n_layers * f.lora_rank * width * m.hidden_size)
+
+
+def gpu_memory_gb(cfg: ExperimentConfig, stage: str, gpus: int) -> tuple[float, bool]:
+    """(estimated GB on each GPU, whether the weights are partitioned) for ``stage`` on ``gpus``
+    GPUs: weights (partitioned under ZeRO-3 with more than one GPU), plus for fine-tuning the
+    LoRA weights and optimiser states, times the stage's overhead factor."""
+    m = cfg.model
+    weights = m.n_params_b * BYTES_PER_PARAM[m.dtype]  # GB
+    if stage == "finetune":
+        sharded = cfg.finetune.zero_stage == 3 and gpus > 1
+        states = lora_params(cfg) * LORA_STATE_BYTES / 1e9
+        state_shards = gpus if cfg.finetune.zero_stage >= 2 and gpus > 1 else 1
+        per_gpu = weights / (gpus if sharded else 1) + states / state_shards
+        return per_gpu * FINETUNE_OVERHEAD, sharded
+    sharded = cfg.extract.zero_stage == 3 and gpus > 1
+    return weights / (gpus if sharded else 1) * INFERENCE_OVERHEAD, sharded
+
+
+def check_gpu_memory(cfg: ExperimentConfig, stage: str, where: str) -> None:
+    """Refuse a GPU stage whose model cannot fit ``model.gpus`` GPUs of ``cluster.gpu_mem_gb``.
+
+    Skipped when the profile has no GPUs or does not state their memory.
+
+    Raises:
+        UserError: One line with the estimate and the fewest GPUs (whole nodes past one node)
+            under ZeRO-3 that would hold it.
+    """
+    c, m = cfg.cluster, cfg.model
+    if stage not in GPU_STAGES or c.gpus_per_node == 0 or c.gpu_mem_gb is None:
+        return
+    need, sharded = gpu_memory_gb(cfg, stage, m.gpus)
+    if need <= c.gpu_mem_gb:
+        return
+    section = "finetune" if stage == "finetune" else "extract"
+    n = fewest_gpus(cfg, stage, c.gpu_mem_gb)
+    how = "partitioned over" if sharded else "whole on each of"
+    zero = "" if getattr(cfg, section).zero_stage == 3 else f" and {section}.zero_stage=3"
+    raise UserError(f"{stage} of {m.name} ({m.n_params_b:g}B parameters in {m.dtype}) needs "
+                    f"about {need:.0f} GB per GPU with the weights {how} model.gpus={m.gpus}, "
+                    f"one GPU of the profile has {c.gpu_mem_gb:g} GB; it needs at least {n} GPUs",
+                    file=where, key="model.gpus",
+                    fix=f"set model.gpus={n}{zero} (or use GPUs with more memory)")
+
+
+def fewest_gpus(cfg: ExperimentConfig, stage: str, gpu_mem_gb: float) -> int:
+    """The fewest GPUs of ``gpu_mem_gb`` that hold ``stage`` with ZeRO-3, rounded up to whole
+    nodes of ``model.gpus_per_node`` past one node (what ``model.gpus`` accepts)."""
+    section = "finetune" if stage == "finetune" else "extract"
+    zero3 = cfg.replace(**{section: dataclasses.replace(getattr(cfg, section), zero_stage=3)})
+    n = 1
+    while gpu_memory_gb(zero3, stage, n)[0] > gpu_mem_gb and n < 100_000:
+        n += 1
+    per_node = cfg.model.gpus_per_node
+    if n > per_node and n % per_node:
+        n += per_node - n % per_node
+    return n
+
+
 def check_resources(job: JobSpec, cfg: ExperimentConfig, where: str) -> None:
+    """Refuse a job the profile cannot hold: GPUs, nodes, CPUs per node, GPU memory."""
     c = cfg.cluster
+    if job.gpus_per_node:
+        check_gpu_memory(cfg, job.stage, where)
     if job.gpus_per_node > c.gpus_per_node:
         raise UserError(f"job {job.key} needs {job.gpus_per_node} GPUs per node, the profile has "
                         f"{c.gpus_per_node}", file=where, key="cluster.gpus_per_node",
@@ -216,7 +320,8 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
         name = cfg.run.name
         out = cfg.output_dir
         shots = [c.shots for c in shot_conditions(cfg)]
-        pending = [k for k in shots if not _complete_h5(out / "activations" / f"shots{k}.h5")]
+        pending = [k for k in shots
+                   if not output_complete("extract", out / "activations" / f"shots{k}.h5", cfg)]
         extract = _job(cfg, exp, "extract", f"{name}/extract", gpus=cfg.model.gpus,
                        array=tuple((f"prompts.shots=[{k}]",) for k in (pending or shots)),
                        array_labels=tuple(f"shots{k}" for k in (pending or shots)),
@@ -227,18 +332,19 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
         jobs.append(extract)
         deps = [extract.key]
         if cfg.finetune.enabled:
+            marker = out / "finetune" / "result.json"
             ft = _job(cfg, exp, "finetune", f"{name}/finetune", gpus=cfg.model.gpus,
-                      outputs=(str(out / "finetune" / "checkpoints.json"),),
-                      done=(out / "finetune" / "adapter-final" / "adapter_config.json").is_file())
+                      outputs=(str(marker),), done=output_complete("finetune", marker, cfg))
             jobs.append(ft)
-            ft_done = ft.done and any(_complete_h5(p) for p in out.glob("activations/ft-final.h5"))
+            ft_done = ft.done and output_complete("extract-ft", out / "activations" / "ft-final.h5",
+                                                  cfg)
             eft = _job(cfg, exp, "extract-ft", f"{name}/extract-ft", gpus=cfg.model.gpus,
                        depends_on=(ft.key,), outputs=(str(out / "activations" / "ft-final.h5"),),
                        done=ft_done)
             jobs.append(eft)
             deps.append(eft.key)
         results = out / "analysis" / "results.json"
-        an_done = _results_current(results, cfg) and all(
+        an_done = output_complete("analyze", results, cfg) and all(
             results.stat().st_mtime >= Path(o).stat().st_mtime
             for j in jobs if j.key in deps for o in j.outputs if Path(o).exists()) and all(
             j.done for j in jobs if j.key in deps)
@@ -265,17 +371,45 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
     return jobs
 
 
-def _results_current(path: Path, cfg: ExperimentConfig) -> bool:
-    """Whether an analysis results file exists and was computed with this config's parameters."""
+def output_complete(stage: str, path: str | Path, cfg: ExperimentConfig | None = None) -> bool:
+    """Whether ``path``, an output of ``stage``, is complete: the one test that planning (which
+    skips complete outputs) and ``replandscape status`` (which counts them) share.
+
+    * ``extract``, ``extract-ft``: the ``.h5`` opens as a finished activation file (it is
+      renamed into place only at the end).
+    * ``finetune``: ``finetune/result.json`` parses with its schema and the final adapter is
+      beside it (the file is written last; ``checkpoints.json`` exists from the first adapter).
+    * ``analyze``: ``analysis/results.json`` reads, with this config's parameters' hash.
+    * ``figures``: the folder exists.
+
+    With ``cfg``, a marker must also be of that configuration (fine-tuning stage hash, analysis
+    parameters hash); without it (a record whose config is gone) only the file is checked.
+    """
+    path = Path(path)
+    if stage in ("extract", "extract-ft"):
+        return _complete_h5(path)
+    if stage == "finetune":
+        from replandscape.stages.finetune import result_complete, stage_hash
+
+        return result_complete(path, stage_hash(cfg) if cfg is not None else None)
+    if stage == "analyze":
+        return _results_current(path, cfg)
+    return path.exists()
+
+
+def _results_current(path: Path, cfg: ExperimentConfig | None) -> bool:
+    """Whether an analysis results file exists and was computed with this config's parameters
+    (any parameters when ``cfg`` is None)."""
     if not path.is_file():
         return False
     from replandscape.results import params_hash, read_results
     from replandscape.stages.analyze import analysis_params
 
     try:
-        return read_results(path).params_hash == params_hash(analysis_params(cfg.analysis))
+        results = read_results(path)
     except UserError:
         return False
+    return cfg is None or results.params_hash == params_hash(analysis_params(cfg.analysis))
 
 
 def _complete_h5(path: Path) -> bool:

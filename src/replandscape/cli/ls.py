@@ -7,7 +7,6 @@ analysis results and figures.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from replandscape.errors import UserError
@@ -47,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"                {name:14s} partial (resume with replandscape run extract)")
     index = folder / "finetune" / "checkpoints.json"
     if index.exists():
-        adapters = json.loads(index.read_text()).get("adapters", [])
-        steps = ", ".join(f"{a['name']}@{a['step']}" for a in adapters)
+        from replandscape.stored import read_checkpoint_index
+
+        adapters = read_checkpoint_index(index).adapters
+        steps = ", ".join(f"{a.name}@{a.step}" for a in adapters)
         print(f"  finetune/     {len(adapters)} adapter(s): {steps}")
     results = folder / "analysis" / "results.json"
     if results.exists():

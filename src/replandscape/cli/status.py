@@ -1,5 +1,7 @@
 """``replandscape status DIR``: every job of the sweeps submitted into DIR, with its Slurm state
-(from sacct), its progress (outputs present) and, for failed jobs, the error line of its log."""
+(from sacct), its progress (outputs complete, by the same test ``submit`` uses to skip them:
+a fine-tuning run cut short is not counted until its ``result.json`` is written) and, for failed
+jobs, the error line of its log."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from replandscape.launch import TERMINAL_BAD, job_states, last_error_line
+    from replandscape.launch import TERMINAL_BAD, job_config, job_states, last_error_line
+    from replandscape.sweep import output_complete
 
     folder = Path(args.dir)
     records = sorted(folder.glob("sweep-*.json"))
@@ -27,15 +30,23 @@ def run(args: argparse.Namespace) -> int:
                         fix="pass the output root given to 'replandscape submit'")
     failed = 0
     for path in records:
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("jobs"), list):
+                raise ValueError("not a sweep record")
+        except ValueError as exc:
+            raise UserError(f"the sweep record cannot be read ({exc})", file=str(path),
+                            fix="delete it; submit the sweep again (complete outputs are "
+                                "skipped)") from None
         ids = [i for j in record["jobs"] for i in j["job_ids"]]
         states = job_states(ids)
         print(f"sweep {record['sweep']} ({path})")
         print(f"  {'job':34s} {'slurm id':12s} {'state':12s} {'outputs':8s}")
         for job in record["jobs"]:
             outputs = job["outputs"]
-            present = sum(Path(o).exists() for o in outputs)
-            progress = f"{present}/{len(outputs)}"
+            cfg = job_config(job)
+            complete = sum(output_complete(job["stage"], o, cfg) for o in outputs)
+            progress = f"{complete}/{len(outputs)}"
             if not job["job_ids"]:
                 print(f"  {job['key']:34s} {'-':12s} {'SKIPPED':12s} {progress:8s}")
                 continue
@@ -43,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
             for k, jid in enumerate(job["job_ids"]):
                 state = states.get(jid, "UNKNOWN")
                 outputs_k = job.get("task_outputs", [])
-                if state == "COMPLETED" and k < len(outputs_k) and not Path(outputs_k[k]).exists():
-                    state = "NO-OUTPUT"  # Slurm said completed, but the stage left nothing
+                if (state == "COMPLETED" and k < len(outputs_k)
+                        and not output_complete(job["stage"], outputs_k[k], cfg)):
+                    state = "NO-OUTPUT"  # Slurm said completed, but the stage left no marker
                 name = job["key"] + (f"[{labels[k]}]" if labels[k] else "")
                 print(f"  {name:34s} {jid:12s} {state:12s} {progress:8s}")
                 if state in TERMINAL_BAD or state == "NO-OUTPUT":

@@ -46,6 +46,9 @@ def validate_file(path: str, overrides: list[str]) -> str:
         return f"{group} profile"
     cfg = load_config(path, overrides)
     from replandscape.data import check_config_against_data
+    from replandscape.sweep import check_model_fits
+
+    check_model_fits(cfg, path)
 
     n_points = check_config_against_data(cfg)
     points = f", {n_points} points per site" if n_points >= 0 else ""

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,27 +575,7 @@ def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
 
 def _run(cfg: ExperimentConfig, finetuned: bool, device: str,
          info: torchdist.RankInfo) -> ExtractResult:
-    from replandscape.lock import stage_lock
-
     conditions = finetuned_conditions(cfg) if finetuned else shot_conditions(cfg)
-    stage = "extract-ft" if finetuned else "extract"
-    out_dir = cfg.output_dir / "activations"
-    # one run per output folder and stage: rank 0 holds the lock, every rank learns the outcome
-    with contextlib.ExitStack() as stack:
-        problem: str | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(stage_lock(ensure_dir(out_dir), stage))
-            except UserError as exc:
-                problem = str(exc)
-        problem = torchdist.broadcast_object(problem)
-        if problem is not None:
-            raise UserError(problem)
-        return _run_locked(cfg, conditions, device, info)
-
-
-def _run_locked(cfg: ExperimentConfig, conditions: Sequence[Condition], device: str,
-                info: torchdist.RankInfo) -> ExtractResult:
     result = ExtractResult()
     todo = [c for c in conditions if existing_output(cfg, c) is None]
     # every condition's prompts are built (and the data checked) before a model is loaded:
@@ -608,13 +588,13 @@ def _run_locked(cfg: ExperimentConfig, conditions: Sequence[Condition], device: 
             path = cfg.output_dir / "activations" / f"{cond.name}.h5"
             result.skipped.append(cond.name)
         else:
-            if cond.adapter is not None:
-                loaded = load_for_extraction(cfg, device, cond.adapter)
-            else:
-                base = base or load_for_extraction(cfg, device, None)
-                loaded = base
-            path = extract_condition(cfg, cond, loaded, records[cond.name])
-            if cond.adapter is not None:
+            with condition_lock(cfg, cond, info):
+                if cond.adapter is not None:
+                    loaded = load_for_extraction(cfg, device, cond.adapter)
+                else:
+                    base = base or load_for_extraction(cfg, device, None)
+                    loaded = base
+                path = extract_condition(cfg, cond, loaded, records[cond.name])
                 del loaded
         with open_activations(path) as af:
             result.accuracy[cond.name] = af.accuracy
@@ -630,3 +610,24 @@ def _run_locked(cfg: ExperimentConfig, conditions: Sequence[Condition], device: 
                                  f"the fine-tuning stage measured {float(reference):.4f} on the "
                                  "same questions: the extracted model is not the evaluated one")
     return result
+
+
+@contextlib.contextmanager
+def condition_lock(cfg: ExperimentConfig, condition: Condition,
+                   info: torchdist.RankInfo) -> Iterator[None]:
+    """One live writer per condition's output (the conditions of a sweep run side by side as
+    array tasks in one folder): rank 0 holds the lock, every rank learns whether it got it."""
+    from replandscape.lock import stage_lock
+
+    with contextlib.ExitStack() as stack:
+        problem: str | None = None
+        if info.is_main:
+            try:
+                folder = ensure_dir(cfg.output_dir / "activations")
+                stack.enter_context(stage_lock(folder, f"extract-{condition.name}"))
+            except UserError as exc:
+                problem = str(exc)
+        problem = torchdist.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        yield

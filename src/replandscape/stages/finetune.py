@@ -19,17 +19,27 @@ Output layout under ``<run.output_dir>/finetune/``::
     checkpoints.json               {"config_hash", "stage_hash", "total_steps",
                                     "adapters": [{name, step, path}]}
     ds/step000010/                 the latest DeepSpeed checkpoint (every save_every steps), with
-                                   per-rank RNG states; ds/resume.json points at it (removed once
-                                   the run has finished)
-    result.json                    :class:`FinetuneResult` (a finished run returns it again)
+                                   per-rank RNG states (rng_rank00000.npz: plain arrays);
+                                   ds/resume.json points at it (removed once the run has finished)
+    result.json                    :class:`FinetuneResult`, written last: the stage's completion
+                                   marker (a finished run returns it again; submit and status
+                                   count the stage done only when it is there)
 
 A run that finds ``ds/resume.json`` resumes from it and, on CPU with the same seed, ends with the
 same adapter as an uninterrupted run: data order depends on (seed, epoch) only, and the model,
 optimiser, scheduler and RNG states are restored.
+
+Nothing read back from the folder is unpickled: the JSON files go through the schema-checked
+readers of :mod:`replandscape.stored`, the RNG states are ``.npz`` arrays read with
+``allow_pickle=False``, and DeepSpeed's own checkpoint files are loaded with
+``torch.load(weights_only=True)``, allowing only the few DeepSpeed record types they hold
+(:data:`DEEPSPEED_SAFE_GLOBALS`). The recovery scripts DeepSpeed copies beside its checkpoints
+(``zero_to_fp32.py``) are removed: no output folder holds code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,13 +54,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replandscape.atomic import write_text_atomic
+import numpy as np
+
+from replandscape.atomic import write_npz_atomic, write_text_atomic
 from replandscape.config import ExperimentConfig, save_resolved
 from replandscape.data import Question, load_split, select_eval_questions
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
+from replandscape.lock import stage_lock
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 from replandscape.prompts import build_prompt, letter_token_ids, training_text
+from replandscape.stored import (
+    FIX_RESUME,
+    AdapterCheckpoint,
+    check_adapter_dir,
+    read_checkpoint_index,
+    read_finetune_result,
+    read_resume_record,
+    read_train_log,
+)
 
 STAGE_DIR = "finetune"
 FINAL_ADAPTER = "adapter-final"
@@ -60,20 +82,14 @@ CHECKPOINTS_FILE = "checkpoints.json"
 TRAIN_LOG = "train_log.jsonl"
 RESUME_FILE = "resume.json"
 STAGE_STAMP = "stage.sha256"
+RNG_FILE = "rng_rank{rank:05d}.npz"
+# DeepSpeed's recovery scripts, copied beside every ZeRO checkpoint; not needed to resume
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterCheckpoint:
-    """One saved LoRA adapter."""
-
-    name: str
-    step: int
-    path: str
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,10 @@ class FinetuneResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FinetuneResult:
-        data = dict(data)
+        """Build from the object :func:`replandscape.stored.read_finetune_result` checked
+        (keys this version does not know are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
         data["val_history"] = tuple((int(s), float(a)) for s, a in data["val_history"])
         data["checkpoints"] = tuple(AdapterCheckpoint(**c) for c in data["checkpoints"])
         return cls(**data)
@@ -261,17 +280,97 @@ def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill
-                break
-    return rows
+# --------------------------------------------------------------------------------------------
+# resume state without pickle
+# --------------------------------------------------------------------------------------------
+
+
+def save_rng_state(path: Path) -> None:
+    """Write this process's torch, CUDA and Python RNG states to ``path`` as plain arrays."""
+    import torch
+
+    version, words, gauss = random.getstate()
+    arrays = {"torch": torch.get_rng_state().numpy(),
+              "python_version": np.asarray(version, dtype=np.int64),
+              "python_state": np.asarray(words, dtype=np.int64),
+              "python_gauss": np.asarray([] if gauss is None else [gauss], dtype=np.float64)}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            arrays[f"cuda{i}"] = state.cpu().numpy()
+    write_npz_atomic(path, arrays)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore the RNG states :func:`save_rng_state` wrote (``numpy.load`` without pickle).
+
+    Raises:
+        UserError: The file is missing or damaged.
+    """
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        gauss = arrays["python_gauss"]
+        python_state = (int(arrays["python_version"]),
+                        tuple(int(w) for w in arrays["python_state"]),
+                        float(gauss[0]) if gauss.size else None)
+        torch_state = torch.from_numpy(np.ascontiguousarray(arrays["torch"], dtype=np.uint8))
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise UserError(f"the saved RNG state cannot be read ({type(exc).__name__}: {exc})",
+                        file=str(path), fix=FIX_RESUME) from None
+    cuda = [arrays[k] for k in sorted((k for k in arrays if k.startswith("cuda")),
+                                      key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.from_numpy(np.ascontiguousarray(c)) for c in cuda])
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The DeepSpeed record types its checkpoints hold besides tensors and plain containers
+    (ZeRO stage tag, loss scaler, fp32 partition addresses); nothing that runs code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` unpickles nothing but tensors, plain
+    containers and :data:`DEEPSPEED_SAFE_GLOBALS` (DeepSpeed's own ``TorchCheckpointEngine``
+    calls ``torch.load(weights_only=False)``); every other call goes to the wrapped engine."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        import pickle
+
+        import torch
+
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling error"
+            raise UserError(f"the DeepSpeed checkpoint holds more than tensors and DeepSpeed's "
+                            f"records, refused unread ({first})", file=path,
+                            fix=FIX_RESUME) from None
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            raise UserError(f"the DeepSpeed checkpoint cannot be read ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
+                            file=path, fix=FIX_RESUME) from None
 
 
 def _quiet_deepspeed() -> None:
@@ -359,6 +458,17 @@ class LoraFinetuner:
     def _check_output_folder(self) -> None:
         check_output_folder(self.cfg)
 
+    def init_process_group(self) -> None:
+        """Pick the device and join the process group (once; ``setup`` calls it too)."""
+        if getattr(self, "device", None) is not None:
+            return
+        self.device = torchdist.pick_device("auto", self.info)
+        self.on_cuda = self.device.startswith("cuda")
+        _quiet_deepspeed()
+        # without RANK etc. DeepSpeed would look for MPI; a single process needs them too
+        torchdist.export_rendezvous(self.info)
+        torchdist.init_distributed(self.device)
+
     def setup(self) -> None:
         """Process group, tokenizer, samples, LoRA model and the DeepSpeed engine."""
         import deepspeed
@@ -366,12 +476,7 @@ class LoraFinetuner:
         from peft import LoraConfig, get_peft_model
 
         cfg, f = self.cfg, self.cfg.finetune
-        self.device = torchdist.pick_device("auto", self.info)
-        self.on_cuda = self.device.startswith("cuda")
-        _quiet_deepspeed()
-        # without RANK etc. DeepSpeed would look for MPI; a single process needs them too
-        torchdist.export_rendezvous(self.info)
-        torchdist.init_distributed(self.device)
+        self.init_process_group()
 
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.revision, padding_side="left")
         self.letter_ids = letter_token_ids(self.tokenizer, cfg.data.num_choices)
@@ -386,7 +491,10 @@ class LoraFinetuner:
             "train_micro_batch_size_per_gpu": f.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,
             "gradient_clipping": f.grad_clip,
-            "zero_optimization": {"stage": self.zero_stage},
+            "zero_optimization": (
+                torchdist.zero3_bounded_memory(torchdist.model_hidden_size(
+                    self.model_path, cfg.model.revision))
+                if self.zero_stage == 3 else {"stage": self.zero_stage}),
             "bf16": {"enabled": self.on_cuda and dtype == "bfloat16"},
             "fp16": {"enabled": self.on_cuda and dtype == "float16"},
             "zero_allow_untested_optimizer": True,
@@ -417,6 +525,8 @@ class LoraFinetuner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # resume loads through torch.load(weights_only=True), never a full unpickle
+        self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         del partition_on_load
         # dropout masks differ between ranks but are reproducible per (seed, rank)
         torch.manual_seed(cfg.run.seed * 1000 + 7919 * self.info.rank + 1)
@@ -681,8 +791,7 @@ class LoraFinetuner:
         path = self.out / CHECKPOINTS_FILE
         if not path.is_file():
             return []
-        data = json.loads(path.read_text())
-        return [AdapterCheckpoint(**c) for c in data.get("adapters", [])]
+        return list(read_checkpoint_index(path).adapters)
 
     def _write_checkpoints(self, entries: Sequence[AdapterCheckpoint]) -> None:
         _write_json(self.out / CHECKPOINTS_FILE, {
@@ -693,8 +802,6 @@ class LoraFinetuner:
     def save_resume_checkpoint(self) -> Path:
         """Full DeepSpeed checkpoint + per-rank RNG + position; older ones are removed after the
         pointer ``ds/resume.json`` names the new one, so a kill never leaves no checkpoint."""
-        import torch
-
         ds_dir = self.out / "ds"
         tag = f"step{self.state.step:06d}"
         client_state = {"replandscape": {
@@ -703,12 +810,11 @@ class LoraFinetuner:
             "val_history": self.state.val_history, "stage_hash": self.stage_hash}}
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client_state,
                                     save_latest=False, exclude_frozen_parameters=True)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, ds_dir / tag / f"rng_rank{self.info.rank:05d}.pt")
+        save_rng_state(ds_dir / tag / RNG_FILE.format(rank=self.info.rank))
         torchdist.barrier()
         if self.info.is_main:
+            for script in DEEPSPEED_SCRIPTS:
+                (ds_dir / script).unlink(missing_ok=True)
             _write_json(ds_dir / RESUME_FILE, {"tag": tag, "step": self.state.step,
                                                "stage_hash": self.stage_hash,
                                                "world_size": self.info.world_size})
@@ -719,45 +825,42 @@ class LoraFinetuner:
         return ds_dir / tag
 
     def _maybe_resume(self) -> None:
-        import torch
-
         ds_dir = self.out / "ds"
         pointer = ds_dir / RESUME_FILE
         if not pointer.is_file():
             self._truncate_logs(0)
             return
-        info = json.loads(pointer.read_text())
-        if info.get("stage_hash") != self.stage_hash:
+        info = read_resume_record(pointer)
+        if info.stage_hash != self.stage_hash:
             raise UserError("the resume checkpoint was written by another config",
                             file=str(pointer), key="run.output_dir",
                             fix="use a new run.output_dir, or delete the folder to start over")
-        if info.get("world_size") != self.info.world_size:
-            raise UserError(f"the resume checkpoint was written by {info.get('world_size')} "
+        if info.world_size != self.info.world_size:
+            raise UserError(f"the resume checkpoint was written by {info.world_size} "
                             f"rank(s), this run has {self.info.world_size}", file=str(pointer),
                             key="model.gpus", fix="resume with the same number of ranks")
-        load_path, client = self.engine.load_checkpoint(str(ds_dir), tag=info["tag"],
+        load_path, client = self.engine.load_checkpoint(str(ds_dir), tag=info.tag,
                                                         load_module_strict=False)
         if load_path is None:
-            raise UserError("the resume checkpoint cannot be read", file=str(ds_dir / info["tag"]),
-                            key="run.output_dir", fix="delete the ds folder to start over")
-        saved = client["replandscape"]
+            raise UserError("the resume checkpoint cannot be read", file=str(ds_dir / info.tag),
+                            key="run.output_dir", fix=FIX_RESUME)
+        saved = (client or {}).get("replandscape")
+        if not isinstance(saved, dict) or not {"step", "tokens", "elapsed_s", "last_loss",
+                                               "val_history"} <= saved.keys():
+            raise UserError("the resume checkpoint lacks the run's position",
+                            file=str(ds_dir / info.tag), key="run.output_dir", fix=FIX_RESUME)
         self.state = _State(step=int(saved["step"]), tokens=int(saved["tokens"]),
                             elapsed_s=float(saved["elapsed_s"]), last_loss=saved["last_loss"],
                             val_history=[(int(s), float(a)) for s, a in saved["val_history"]],
                             resumed_from_step=int(saved["step"]))
-        rng = torch.load(ds_dir / info["tag"] / f"rng_rank{self.info.rank:05d}.pt",
-                         weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        load_rng_state(ds_dir / info.tag / RNG_FILE.format(rank=self.info.rank))
         self._truncate_logs(self.state.step)
-        torchdist.print0(f"finetune: resumed from step {self.state.step} ({ds_dir / info['tag']})")
+        torchdist.print0(f"finetune: resumed from step {self.state.step} ({ds_dir / info.tag})")
 
     def _truncate_logs(self, step: int) -> None:
         """Forget log lines and adapters listed after ``step`` (work a kill threw away)."""
         if self.info.is_main:
-            rows = [r for r in _read_jsonl(self.out / TRAIN_LOG) if r.get("step", 0) <= step
+            rows = [r for r in read_train_log(self.out / TRAIN_LOG) if r.get("step", 0) <= step
                     and not (step == 0 and r.get("step", 0) == 0)]
             if rows or (self.out / TRAIN_LOG).exists():
                 write_text_atomic(self.out / TRAIN_LOG,
@@ -788,14 +891,53 @@ def check_output_folder(cfg: ExperimentConfig) -> None:
                             f"{old[:12]}, this config {mine[:12]}; data, prompts, model, "
                             f"finetune or run.seed differ)", file=str(out), key="run.output_dir",
                             fix="use a new run.output_dir, or delete the folder to start over")
+    check_stored_state(out)
+
+
+def check_stored_state(out: Path) -> None:
+    """Read every JSON state file of the fine-tuning folder ``out`` that exists (result, adapter
+    index, resume record, training log) through its schema, so damage is one line before any
+    work (and before a submit queues anything).
+
+    Raises:
+        UserError: A file is not JSON or does not have its kind's shape.
+    """
+    if (out / RESULT_FILE).is_file():
+        read_finetune_result(out / RESULT_FILE)
+    if (out / CHECKPOINTS_FILE).is_file():
+        read_checkpoint_index(out / CHECKPOINTS_FILE)
+    if (out / "ds" / RESUME_FILE).is_file():
+        read_resume_record(out / "ds" / RESUME_FILE)
+    read_train_log(out / TRAIN_LOG)
+
+
+def result_complete(path: Path, expected_stage_hash: str | None = None) -> bool:
+    """Whether ``path`` (a ``finetune/result.json``) marks a finished fine-tuning run: the
+    stage's completion marker, written after everything else. With ``expected_stage_hash``,
+    the run must also be of that configuration. A damaged file is not complete."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        data = read_finetune_result(path)
+    except UserError:
+        return False
+    if expected_stage_hash is not None and data.get("stage_hash") != expected_stage_hash:
+        return False
+    return (path.parent / FINAL_ADAPTER / "adapter_config.json").is_file()
+
+
+def is_complete(cfg: ExperimentConfig) -> bool:
+    """Whether the fine-tuning stage of ``cfg`` has finished (see :func:`result_complete`)."""
+    return result_complete(cfg.output_dir / STAGE_DIR / RESULT_FILE, stage_hash(cfg))
 
 
 def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
     path = cfg.output_dir / STAGE_DIR / RESULT_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    if data.get("stage_hash") != stage_hash(cfg) or not Path(data.get("adapter_dir", "")).is_dir():
+    data = read_finetune_result(path)  # damaged: one line, not a retrain over it
+    if not result_complete(path, stage_hash(cfg)):
         return None
     return FinetuneResult.from_json(data)
 
@@ -804,17 +946,40 @@ def run(cfg: ExperimentConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` with LoRA under DeepSpeed and evaluate it (METHOD.md section 3).
 
     Ranks come from the environment (torchrun, the deepspeed launcher, Slurm tasks, or one
-    process). A finished run returns its stored result; an interrupted one resumes.
+    process). A finished run returns its stored result; an interrupted one resumes. Rank 0 holds
+    ``finetune/.finetune.lock`` (:func:`replandscape.lock.stage_lock`) while it trains, so a
+    second live run on the same folder is refused in one line.
+
+    Raises:
+        UserError: Bad input, damaged stored state, or another live run on the folder.
     """
     trainer = LoraFinetuner(cfg)  # refuses bad input before any work
     done = _finished_result(cfg)
     if done is not None:
         return done
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    from replandscape.allocator import return_freed_memory
+
+    # under ZeRO-3 every layer's full weights are gathered and freed in each forward and backward
+    # pass: the freed copies must leave the process (allocator.return_freed_memory)
+    partitioned = cfg.finetune.zero_stage == 3 and trainer.info.world_size > 1
+    trainer.init_process_group()
+    with contextlib.ExitStack() as held:
+        # one run per fine-tuning folder: rank 0 holds the lock, every rank learns the outcome
+        problem: str | None = None
+        if trainer.info.is_main:
+            try:
+                held.enter_context(stage_lock(trainer.out, STAGE_DIR))
+            except UserError as exc:
+                problem = str(exc)
+        problem = torchdist.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        held.enter_context(return_freed_memory() if partitioned else contextlib.nullcontext())
+        trainer.setup()
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,15 +993,17 @@ def export_merged(cfg: ExperimentConfig, adapter_dir: str | os.PathLike[str],
 
     The merge is done in float32; the saved weights take ``dtype`` (default: the base
     checkpoint's own dtype). The tokenizer is saved beside them.
+
+    Raises:
+        UserError: ``adapter_dir`` is not a whole adapter (no config, a damaged config, or an
+            ``adapter_model.safetensors`` cut short).
     """
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    adapter = Path(adapter_dir)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError("not a LoRA adapter folder (no adapter_config.json)", file=str(adapter),
-                        key="adapter_dir", fix="point at an adapter saved by the finetune stage")
+    adapter = check_adapter_dir(Path(adapter_dir), fix=(
+        "point at a whole adapter saved by the finetune stage (re-run it if the copy was cut)"))
     base_path = resolve_model_path(cfg.model)
     base_dtype = getattr(AutoConfig.from_pretrained(base_path, revision=cfg.model.revision),
                          "dtype", None)
