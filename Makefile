@@ -13,7 +13,7 @@ export OMPI_MCA_rmaps_base_oversubscribe := 1
 DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo demo-slurm test test-fast lint format bench cluster-start cluster-stop clean
+.PHONY: help setup demo demo-slurm test test-fast lint format bench gpu-check cluster-start cluster-stop clean
 
 help:
 	@echo "make setup   - create/refresh .venv (and Debian packages when root)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test    - run the test suite (starts the local Slurm cluster when needed)"
 	@echo "make lint    - ruff + mypy"
 	@echo "make bench   - run the benchmarks (see BENCHMARKS.md)"
+	@echo "make gpu-check - on one CUDA GPU (< 10 min): every CUDA path checked, Llama-3-8B-shape speeds; table for BENCHMARKS.md, JSON in outputs/gpu_check.json"
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -43,6 +44,9 @@ lint: setup
 
 format: setup
 	$(VENV)/bin/ruff format src tests analysis jobs benchmarks
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --json outputs/gpu_check.json
 
 cluster-start:
 	bash slurm/cluster.sh start
