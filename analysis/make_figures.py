@@ -4,6 +4,9 @@
     python analysis/make_figures.py analysis/results.json [MORE.json...] --out figures/ \\
         [--what profiles,ari,dendrogram,accuracy,report] [--formats png,pdf]
 
+Runs are drawn per model and task from their fields; for generated tasks ``accuracy`` adds the
+in-context vs fine-tuned figure and table (see analysis/README.md).
+
 Needs only matplotlib, numpy, scipy and the replandscape package (no extras): no torch, no MPI.
 """
 

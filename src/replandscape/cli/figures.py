@@ -3,8 +3,9 @@
     replandscape figures analysis/results.json [MORE.json...] --out figures/ \\
         [--what profiles,ari,dendrogram,accuracy,report] [--formats png,pdf]
 
-A file that cannot be read (missing, not JSON, an older schema) is reported on one line and the
-others are still drawn; the exit status is then 1.
+``accuracy`` also draws, for generated tasks, the in-context vs fine-tuned figure of each model and
+its table. A file that cannot be read (missing, not JSON, an older schema) is reported on one line
+and the others are still drawn; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "figures",
         help="draw figures, accuracy tables and a report from analysis results (no torch, no MPI)",
-        description="Draw the profiles, ARI, dendrogram figures, accuracy tables and a report "
-                    "from analysis results files. Imports neither torch nor mpi4py.",
+        description="Draw the profiles, ARI, dendrogram figures, accuracy tables (and, for "
+                    "generated tasks, the in-context vs fine-tuned figure and table) and a "
+                    "report from analysis results files. Imports neither torch nor mpi4py.",
     )
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json",
                         help="results files written by the analysis stage")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="folder for the figures and the report (created)")
     parser.add_argument("--what", default=_WHAT_HELP, metavar="LIST",
-                        help=f"comma-separated subset of {_WHAT_HELP} (default: all)")
+                        help=f"comma-separated subset of {_WHAT_HELP} (default: all; accuracy "
+                             "includes the generated tasks' in-context vs fine-tuned figure "
+                             "and table)")
     parser.add_argument("--formats", default="png,pdf", metavar="LIST",
                         help=f"comma-separated image formats out of {_FORMATS_HELP} "
                              "(default: png,pdf)")

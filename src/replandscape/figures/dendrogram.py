@@ -1,4 +1,5 @@
-"""Dendrogram of the density peaks at the site where ARI with subjects is highest (METHOD.md s. 4-5).
+"""Dendrogram of the density peaks at the site where ARI with the run's first label column (subjects
+for MMLU, targets for a generated task) is highest (METHOD.md s. 4-5).
 
 The analysis stage stores, for some sites, the linkage of the peaks (``scipy`` ``method="weighted"``
 on max log-density minus saddle log-density) and one label per peak; this module only draws it.
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from scipy.cluster import hierarchy
 
 from replandscape.figures.data import FiguresWarning, metric, number, run_info
+from replandscape.figures.profiles import column_label
 from replandscape.figures.style import context, new_figure
 from replandscape.results import Results
 
@@ -28,7 +30,8 @@ class DendrogramSite:
     """The site chosen for a run's dendrogram and why."""
 
     row: Mapping[str, Any]
-    ari_subject: float
+    column: str  # the label column the site was chosen by
+    ari: float
     best_overall: bool  # False: the best site has no dendrogram, this is the best one that has
 
 
@@ -40,10 +43,12 @@ def _leaf_count(dendro: Any) -> int:
 
 
 def dendrogram_site(results: Results, run: str) -> DendrogramSite | None:
-    """The site of ``run`` with the highest ARI with subjects among those with a stored dendrogram
-    of at least two peaks; None when no site has one."""
+    """The site of ``run`` with the highest ARI with its first label column (``subject`` for MMLU,
+    ``target`` for a generated task) among those with a stored dendrogram of at least two peaks;
+    None when no site has one."""
+    column = run_info(results, run).label_columns[0]
     rows = results.rows_for(run)
-    scored = [(metric(r, "ari.subject"), r) for r in rows]
+    scored = [(metric(r, f"ari.{column}"), r) for r in rows]
     scored = [(a, r) for a, r in scored if not math.isnan(a)]
     if not scored:
         return None
@@ -52,7 +57,7 @@ def dendrogram_site(results: Results, run: str) -> DendrogramSite | None:
     if not drawable:
         return None
     a, row = max(drawable, key=lambda ar: ar[0])
-    return DendrogramSite(row=row, ari_subject=a, best_overall=a >= best_ari)
+    return DendrogramSite(row=row, column=column, ari=a, best_overall=a >= best_ari)
 
 
 def _leaf_labels(dendro: Mapping[str, Any], n_leaves: int, where: str) -> list[str]:
@@ -73,9 +78,10 @@ def _leaf_labels(dendro: Mapping[str, Any], n_leaves: int, where: str) -> list[s
 
 
 def plot_dendrogram(results: Results, run: str, *, title: str | None = None) -> Figure | None:
-    """The dendrogram of the density peaks of ``run`` at its best site for ARI with subjects.
+    """The dendrogram of the density peaks of ``run`` at its best site for ARI with its first
+    label column.
 
-    Leaves carry the stored ``leaf_labels`` (the dominant subjects of each peak) and the peak sizes.
+    Leaves carry the stored ``leaf_labels`` (the dominant labels of each peak) and the peak sizes.
     Returns None when no site of ``run`` has a drawable dendrogram (fewer than two peaks, or none
     stored); an invalid linkage matrix is skipped with a :class:`FiguresWarning`.
     """
@@ -108,8 +114,8 @@ def plot_dendrogram(results: Results, run: str, *, title: str | None = None) -> 
         ax.grid(axis="y", visible=False)
         ax.spines["left"].set_visible(False)
         ax.tick_params(axis="y", length=0)
-        head = title or f"{info.model}, {info.condition.label}"
+        head = title or f"{info.model}, {info.task}, {info.condition.label}"
         # Three short lines: a long single line would run past the figure's right edge.
         ax.set_title(f"{head}\nsite {row.get('site')}{depth_txt}\n"
-                     f"ARI with subjects {site.ari_subject:.2f}{pick}", loc="left")
+                     f"ARI with {column_label(site.column)} {site.ari:.2f}{pick}", loc="left")
     return fig

@@ -10,8 +10,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from replandscape.figures.data import RunInfo, all_runs, conditions, models, series
-from replandscape.figures.style import Condition, context, new_figure
+from replandscape.figures.data import (
+    RunInfo,
+    all_runs,
+    conditions,
+    label_columns,
+    models,
+    series,
+    tasks,
+)
+from replandscape.figures.style import Condition, context, new_figure, suptitle
 from replandscape.results import Results
 
 DEPTH_LABEL = "relative depth (layer / number of sites)"
@@ -23,7 +31,25 @@ PROFILE_QUANTITIES: tuple[tuple[str, str], ...] = (
     ("core_fraction", "core-point fraction"),
 )
 
-ARI_TARGETS = {"subject": "subjects", "answer": "answers"}
+# How a label column reads in a title ("ARI with subjects"); other columns read "COLUMN labels".
+ARI_TARGETS = {"subject": "subjects", "answer": "answers", "target": "targets",
+               "variant": "variants"}
+
+
+def column_label(column: str) -> str:
+    """A label column as it reads after "ARI with"."""
+    return ARI_TARGETS.get(column, f"{column} labels")
+
+
+def pick_task(infos: Sequence[RunInfo], task: str | None, what: str) -> str:
+    """``task``, or the only task of ``infos`` when None (ValueError when there are several)."""
+    names = tasks(infos)
+    if task is not None:
+        return task
+    if len(names) != 1:
+        raise ValueError(f"{what} has runs of {len(names)} tasks ({', '.join(names) or 'none'}); "
+                         "pass task=")
+    return names[0]
 
 
 def _draw_runs(ax: Axes, results: Results, runs: Sequence[RunInfo], key: str) -> None:
@@ -48,13 +74,17 @@ def _depth_axis(ax: Axes) -> None:
     ax.set_xlabel(DEPTH_LABEL)
 
 
-def plot_profiles(results: Results, model: str, *, title: str | None = None) -> Figure:
+def plot_profiles(results: Results, model: str, task: str | None = None, *,
+                  title: str | None = None) -> Figure:
     """Intrinsic dimension, number of density peaks and core-point fraction along relative depth.
 
-    One panel per quantity, one line per condition of ``model`` (shots ascending, then fine-tuned).
-    Missing values leave a gap in the line.
+    One panel per quantity, one line per condition of ``model`` on ``task`` (shots ascending, then
+    fine-tuned). ``task`` may be left out when the model has runs of one task only. Missing values
+    leave a gap in the line.
     """
-    runs = [i for i in all_runs(results) if i.model == model]
+    mine = [i for i in all_runs(results) if i.model == model]
+    task = pick_task(mine, task, f"model {model}")
+    runs = [i for i in mine if i.task == task]
     with context():
         fig = new_figure(11.5, 3.5)
         axes = fig.subplots(1, len(PROFILE_QUANTITIES), sharex=True)
@@ -67,21 +97,30 @@ def plot_profiles(results: Results, model: str, *, title: str | None = None) -> 
                 ax.set_ylim(bottom=0)
             elif key == "core_fraction":
                 ax.set_ylim(-0.02, 1.02)
-        fig.suptitle(title or model)
+        suptitle(fig, title or f"{model}, {task}", 3.0 * len(PROFILE_QUANTITIES))
         _legend(fig, conditions(runs))
     return fig
 
 
-def plot_ari(results: Results, target: str, *, title: str | None = None,
+def plot_ari(results: Results, target: str, *, task: str | None = None, title: str | None = None,
              max_cols: int = 3) -> Figure:
-    """ARI of the density-peak assignment with ``target`` (``subject`` or ``answer``) along depth.
+    """ARI of the density-peak assignment with the label column ``target`` along depth.
 
-    One panel per model (shared y axis, so models compare), one line per condition.
+    ``target`` is one of the label columns of the runs of ``task`` (``subject`` or ``answer`` for
+    MMLU, ``target`` or ``variant`` for a generated task); ``task`` may be left out when the
+    results hold one task with that column. One panel per model that has runs of the task (shared
+    y axis, so models compare), one line per condition.
     """
-    if target not in ARI_TARGETS:
-        raise ValueError(f"target must be one of {sorted(ARI_TARGETS)}, not {target!r}")
-    names = models(results)
-    runs = all_runs(results)
+    every = all_runs(results)
+    with_target = [i for i in every if target in i.label_columns]
+    if task is None:
+        task = pick_task(with_target, None, f"label column {target!r}") if with_target else None
+    runs = [i for i in every if i.task == task]
+    if task is None or target not in label_columns(runs):
+        raise ValueError(f"target must be one of the label columns "
+                         f"{label_columns(runs) or label_columns(every)} of task {task}, "
+                         f"not {target!r}")
+    names = models(runs)
     n = max(len(names), 1)
     ncols = min(n, max_cols)
     nrows = math.ceil(n / ncols)
@@ -96,12 +135,13 @@ def plot_ari(results: Results, target: str, *, title: str | None = None,
             _depth_axis(ax)
             ax.set_title(model)
             if k % ncols == 0:
-                ax.set_ylabel(f"ARI with {ARI_TARGETS[target]}")
+                ax.set_ylabel(f"ARI with {column_label(target)}")
             else:
                 ax.tick_params(labelleft=False)
         if first is not None:  # ARI is read against 0 (chance): keep 0 in view
             lo, hi = first.get_ylim()
             first.set_ylim(min(lo, 0.0), hi)
-        fig.suptitle(title or f"ARI of density peaks with {ARI_TARGETS[target]}")
+        suptitle(fig, title or f"ARI of density peaks with {column_label(target)}, {task}",
+                 3.3 * ncols)
         _legend(fig, conditions(runs))
     return fig

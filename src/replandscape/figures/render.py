@@ -9,9 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from replandscape.errors import UserError
-from replandscape.figures.data import FiguresWarning, all_runs, models
+from replandscape.figures.data import FiguresWarning, all_runs, label_columns, orphan_runs
 from replandscape.figures.dendrogram import plot_dendrogram
-from replandscape.figures.profiles import ARI_TARGETS, plot_ari, plot_profiles
+from replandscape.figures.icl_vs_ft import (
+    RULE_CAPTIONS,
+    available_rule,
+    generated_runs,
+    plot_icl_vs_ft,
+    released_latex,
+    released_markdown,
+)
+from replandscape.figures.profiles import column_label, plot_ari, plot_profiles
 from replandscape.figures.report import GroupFigures, build_report, to_html, to_markdown
 from replandscape.figures.style import SUPPORTED_FORMATS, safe_name, save_figure
 from replandscape.figures.tables import accuracy_latex, accuracy_markdown
@@ -36,24 +44,32 @@ def _check_choice(values: Sequence[str], allowed: Sequence[str], option: str) ->
 def _draw_group(results: Results, out_dir: Path, suffix: str, what: Sequence[str],
                 formats: Sequence[str]) -> GroupFigures:
     g = GroupFigures(results=results, suffix=suffix)
+    runs = all_runs(results)
+    note = suffix.replace("__", ", ")
+    # (model, task) pairs in the order of the runs: model, then MMLU and the tasks' fixed order.
+    pairs = list(dict.fromkeys((i.model, i.task) for i in runs))
     if "profiles" in what:
-        for model in models(results):
-            fig = plot_profiles(results, model, title=f"{model}{suffix.replace('__', ', ')}")
-            g.profiles += save_figure(fig, out_dir / f"profiles_{safe_name(model)}{suffix}", formats)
-    if "ari" in what and models(results):
-        for target in ARI_TARGETS:
-            title = (f"Adjusted Rand index of density peaks with {ARI_TARGETS[target]}"
-                     f"{suffix.replace('__', ', ')}")
-            fig = plot_ari(results, target, title=title)
-            g.ari += save_figure(fig, out_dir / f"ari_{target}{suffix}", formats)
+        for model, task in pairs:
+            fig = plot_profiles(results, model, task, title=f"{model}, {task}{note}")
+            stem = f"profiles_{safe_name(model)}_{safe_name(task)}{suffix}"
+            g.profiles += save_figure(fig, out_dir / stem, formats)
+    if "ari" in what:
+        for task in dict.fromkeys(t for _, t in pairs):
+            for target in label_columns([i for i in runs if i.task == task]):
+                title = (f"Adjusted Rand index of density peaks with {column_label(target)}, "
+                         f"{task}{note}")
+                fig = plot_ari(results, target, task=task, title=title)
+                stem = f"ari_{safe_name(task)}_{safe_name(target)}{suffix}"
+                g.ari += save_figure(fig, out_dir / stem, formats)
     if "dendrogram" in what:
         missing: list[str] = []
-        for info in all_runs(results):
+        for info in runs:
             dendro = plot_dendrogram(results, info.run)
             if dendro is None:
                 missing.append(info.run)
                 continue
-            stem = f"dendrogram_{safe_name(info.model)}_{safe_name(info.condition.name)}{suffix}"
+            stem = (f"dendrogram_{safe_name(info.model)}_{safe_name(info.task)}_"
+                    f"{info.condition.slug}{suffix}")
             g.dendrograms += save_figure(dendro, out_dir / stem, formats)
         if missing:
             # Dendrograms are stored for some sites only; a run without one is not an error.
@@ -61,8 +77,21 @@ def _draw_group(results: Results, out_dir: Path, suffix: str, what: Sequence[str
             g.notes.append("No dendrogram with two or more peaks is stored for: "
                            + ", ".join(f"`{r}`" for r in missing) + ".")
     if "accuracy" in what:
-        for name, text in ((f"accuracy{suffix}.md", accuracy_markdown(results)),
-                           (f"accuracy{suffix}.tex", accuracy_latex(results))):
+        tables = [(f"accuracy{suffix}.md", accuracy_markdown(results)),
+                  (f"accuracy{suffix}.tex", accuracy_latex(results))]
+        generated = generated_runs(results)
+        if generated:
+            # The generated tasks' accuracy: base model by shots, fine-tuning by examples seen.
+            rule = available_rule(results)
+            for model in dict.fromkeys(i.model for i in generated):
+                fig = plot_icl_vs_ft(results, model, rule=rule,
+                                     title=f"{model}: in-context learning and fine-tuning, "
+                                           f"{RULE_CAPTIONS[rule]}{note}")
+                g.icl += save_figure(fig, out_dir / f"icl_vs_ft_{safe_name(model)}{suffix}",
+                                     formats)
+            tables += [(f"icl_vs_ft{suffix}.md", released_markdown(results)),
+                       (f"icl_vs_ft{suffix}.tex", released_latex(results))]
+        for name, text in tables:
             path = out_dir / name
             path.write_text(text)
             g.tables.append(path)
@@ -79,7 +108,9 @@ def render_all(results: list[Results], out_dir: str | os.PathLike[str], *,
             with the same parameters are drawn together; each set of different parameters is drawn
             separately, its files suffixed ``__params-HASH8``, with a :class:`FiguresWarning`.
         out_dir: folder for the files (created).
-        what: any of ``profiles``, ``ari``, ``dendrogram``, ``accuracy``, ``report``.
+        what: any of ``profiles`` (per model and task), ``ari`` (per task and label column),
+            ``dendrogram`` (per run), ``accuracy`` (tables per task; for generated tasks also the
+            in-context vs fine-tuned figure per model and its table), ``report``.
         formats: image formats, any of ``png``, ``pdf``, ``svg``. The report embeds PNG (or SVG).
 
     Returns:
@@ -104,12 +135,18 @@ def render_all(results: list[Results], out_dir: str | os.PathLike[str], *,
         warnings.warn(f"results use {len(groups)} different sets of analysis parameters "
                       f"({sources}); each set is drawn separately with suffix __params-HASH",
                       FiguresWarning, stacklevel=2)
+    for group in groups:
+        orphans = orphan_runs(group)
+        if orphans:
+            warnings.warn(f"rows of {', '.join(orphans)} have no entry in runs (no model, task "
+                          "or condition) and are not drawn", FiguresWarning, stacklevel=2)
     drawn = []
     for group in groups:
         suffix = f"__params-{group.params_hash[:8]}" if len(groups) > 1 else ""
         drawn.append(_draw_group(group, out, suffix, what, formats))
 
-    written = [p for g in drawn for p in (*g.profiles, *g.ari, *g.dendrograms, *g.tables)]
+    written = [p for g in drawn
+               for p in (*g.profiles, *g.ari, *g.dendrograms, *g.icl, *g.tables)]
     if "report" in what:
         blocks = build_report(drawn, out)
         for name, text in (("report.md", to_markdown(blocks)), ("report.html", to_html(blocks))):

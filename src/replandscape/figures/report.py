@@ -1,4 +1,8 @@
-"""``report.md`` and ``report.html``: the figures, the accuracy table and the provenance of runs.
+"""``report.md`` and ``report.html``: the figures, the accuracy tables and the provenance of runs.
+
+The accuracy section flags every final fine-tuned run whose extracted model scores differently from
+what the fine-tuning stage measured on its own test set (``provenance.finetune_test_accuracy``):
+the extracted model is then not the one that was evaluated.
 
 The report is a list of small blocks rendered twice, to Markdown and to self-contained HTML (images
 are linked, not inlined), so neither needs a Markdown library.
@@ -8,14 +12,16 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from replandscape import __version__
-from replandscape.figures.data import all_runs
-from replandscape.figures.tables import KINDS, MISSING_MD, accuracy_table
+from replandscape.figures.data import all_runs, number
+from replandscape.figures.icl_vs_ft import released_blocks
+from replandscape.figures.tables import KINDS, MISSING_MD, accuracy_tables, caption
 from replandscape.results import Results
 
 PROVENANCE_COLUMNS = (("model_path", "model path"), ("config_hash", "config hash"),
@@ -63,6 +69,7 @@ class GroupFigures:
     profiles: list[Path] = field(default_factory=list)
     ari: list[Path] = field(default_factory=list)
     dendrograms: list[Path] = field(default_factory=list)
+    icl: list[Path] = field(default_factory=list)  # in-context vs fine-tuned, generated tasks
     tables: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -89,16 +96,74 @@ def _provenance(results: Results) -> Table:
     return Table(["run"] + [label for _, label in PROVENANCE_COLUMNS] + ["other"], rows)
 
 
+# The extraction stage and the fine-tuning stage score the same questions with the same rule, so
+# any difference beyond float rounding means the extracted model is not the evaluated one.
+MISMATCH_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A final fine-tuned run whose extracted accuracy differs from the fine-tuning stage's."""
+
+    run: str
+    extracted: float  # accuracy micro of the extracted model, a fraction
+    finetuning: float  # provenance.finetune_test_accuracy, a fraction
+
+    def message(self) -> str:
+        return (f"`{self.run}`: the extracted model scores {self.extracted:.4f} but fine-tuning "
+                f"measured {self.finetuning:.4f} (accuracy micro against "
+                "provenance.finetune_test_accuracy): the extracted model is not the one the "
+                "fine-tuning stage evaluated.")
+
+
+def finetune_mismatches(results: Results,
+                        tolerance: float = MISMATCH_TOLERANCE) -> list[Mismatch]:
+    """Final fine-tuned runs (no checkpoint step) whose accuracy micro differs by more than
+    ``tolerance`` from ``provenance.finetune_test_accuracy``; a reference that is missing, null
+    or negative (unknown) is not compared."""
+    out = []
+    for info in all_runs(results):
+        c = info.condition
+        if not c.finetuned or c.checkpoint_step is not None:
+            continue
+        prov = info.info.get("provenance")
+        reference = number(prov.get("finetune_test_accuracy")) if isinstance(prov, dict) \
+            else math.nan
+        acc = info.info.get("accuracy")
+        measured = number(acc.get("micro")) if isinstance(acc, dict) else math.nan
+        if math.isnan(reference) or reference < 0 or math.isnan(measured):
+            continue
+        if abs(measured - reference) > tolerance:
+            out.append(Mismatch(info.run, measured, reference))
+    return out
+
+
 def _accuracy(results: Results) -> list[Block]:
-    t = accuracy_table(results)
-    blocks: list[Block] = []
-    for kind, caption in KINDS:
-        rows = [[m] + [MISSING_MD if t.values[kind][m][c.name] is None
-                       else f"{t.values[kind][m][c.name]:.1f}" for c in t.conditions]
-                for m in t.models]
-        blocks += [Para(f"**{caption}**"),
-                   Table(["model"] + [c.label for c in t.conditions], rows,
-                         [False] + [True] * len(t.conditions))]
+    blocks: list[Block] = [Para(f"**Warning:** {m.message()}")
+                           for m in finetune_mismatches(results)]
+    for t in accuracy_tables(results):
+        for kind, kind_caption in KINDS:
+            rows = [[m] + [MISSING_MD if t.value(kind, m, c) is None
+                           else f"{t.value(kind, m, c):.1f}" for c in t.conditions]
+                    for m in t.models]
+            blocks += [Para(f"**{caption(kind_caption, t.task)}**"),
+                       Table(["model"] + [c.label for c in t.conditions], rows,
+                             [False] + [True] * len(t.conditions))]
+    return blocks
+
+
+def _icl_vs_ft(g: GroupFigures, out_dir: Path) -> list[Block]:
+    if not any(i.is_generated for i in all_runs(g.results)):
+        return []
+    blocks: list[Block] = [Para(
+        "Generated tasks: the base model against the number of shots and the fine-tuning "
+        "checkpoints against the training examples they had seen (pattern variant solid, "
+        "misleading dashed), and per model, task and variant the final fine-tuned model at 0 "
+        "shots against the base model at 0 shots and at its best number of shots.")]
+    blocks += _images(g.icl, out_dir)
+    for table_caption, header, rows in released_blocks(g.results):
+        blocks += [Para(f"**{table_caption}**"),
+                   Table(header, rows, [False] * 3 + [True] * (len(header) - 3))]
     return blocks
 
 
@@ -118,18 +183,24 @@ def build_report(groups: Sequence[GroupFigures], out_dir: Path) -> list[Block]:
             blocks.append(Heading(2, f"Analysis parameters {g.results.params_hash[:8]}"))
             level = 3
         blocks += [Heading(level, "Accuracy"), *_accuracy(g.results)]
+        icl = _icl_vs_ft(g, out_dir)
+        if icl:
+            blocks += [Heading(level, "In-context learning and fine-tuning"), *icl]
         if g.profiles:
             blocks += [Heading(level, "Profiles along depth"),
                        Para("Intrinsic dimension, number of density peaks and fraction of core "
                             "points per site, one line per condition."),
                        *_images(g.profiles, out_dir)]
         if g.ari:
-            blocks += [Heading(level, "ARI of density peaks with subjects and answers"),
+            blocks += [Heading(level, "ARI of density peaks with the label columns"),
+                       Para("Per task and label column (subjects and answers for MMLU, targets "
+                            "and variants for a generated task), one panel per model."),
                        *_images(g.ari, out_dir)]
         if g.dendrograms:
             blocks += [Heading(level, "Dendrograms of density peaks"),
-                       Para("At the site where ARI with subjects is highest; leaves are labelled "
-                            "by their dominant subjects and the number of points of the peak."),
+                       Para("At the site where ARI with the first label column (subjects, or a "
+                            "generated task's targets) is highest; leaves are labelled by their "
+                            "dominant labels and the number of points of the peak."),
                        *_images(g.dendrograms, out_dir)]
         for note in g.notes:
             blocks.append(Para(note))

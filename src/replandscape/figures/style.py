@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,69 +43,133 @@ RC: dict[str, Any] = {
 SUPPORTED_FORMATS = ("png", "pdf", "svg")
 
 # Shots take a fixed position on a sequential map, whatever conditions a file holds, so "2-shot"
-# has the same colour in every figure and every report. The top of viridis (yellow) is left out:
-# it is unreadable on white.
+# has the same colour in every figure and every report. The position grows with log2(1 + shots)
+# up to 32 shots, so 0, 1, 2, 4, ..., 32 are evenly spread and MMLU's 0..5 stay apart. The top of
+# viridis (yellow) is left out: it is unreadable on white.
 _SHOTS_CMAP = "viridis"
-_SHOTS_MAX = 5
+_SHOTS_MAX = 32
 _SHOTS_SPAN = (0.0, 0.82)
-FINETUNED_COLOR = "#d62728"  # the final fine-tuned checkpoint: red, far from every viridis hue
-_CHECKPOINT_CMAP = "Oranges"  # intermediate fine-tuning checkpoints: light to dark with the step
+# Fine-tuned models by method: the final checkpoint has one fixed colour, far from every viridis
+# hue; intermediate checkpoints run light to dark with the step on the method's own map.
+_FINETUNED = {"full": ("#e377c2", "RdPu")}
+_FINETUNED_DEFAULT = ("#d62728", "YlOrBr")  # LoRA, and a fine-tuned run of unrecorded method
+_STEP_LOW, _STEP_DOUBLINGS, _STEP_SPAN = 10, 10, (0.4, 0.95)
+FINETUNED_COLOR = _FINETUNED_DEFAULT[0]
+METHOD_LABELS = {"lora": "LoRA", "full": "full"}
 UNKNOWN_COLOR = "#7f7f7f"
-
-_SHOTS_RE = re.compile(r"^shots(\d+)$")
-_STEP_RE = re.compile(r"^ft-step(\d+)$")
 
 
 @dataclass(frozen=True)
 class Condition:
-    """How one condition (``shots2``, ``ft-final``, ``ft-step000016``) is named, ordered and drawn."""
+    """How one condition (``shots2``, ``ft-final``, ``ft-step000016``) is named, ordered and drawn.
+
+    Everything here comes from a run's structured fields (``shots``, ``finetuned``, ``method``,
+    ``checkpoint_step``); ``name`` is the display name the results carry, used only in file names.
+    ``key`` identifies the condition: two runs with the same key are the same condition.
+    """
 
     name: str
     label: str
     color: str
     marker: str
     linestyle: str
-    sort_key: tuple[float, float, float, str]
+    sort_key: tuple[float, float, float, float, str]
+    key: tuple[bool, str, int | None, int]
+    shots: int
+    finetuned: bool
+    method: str
+    checkpoint_step: int | None
+
+    @property
+    def slug(self) -> str:
+        """A file-name fragment made from the fields alone (``shots5``, ``ft-final``,
+        ``ft-step000100``, ``full-ft-final``, ``ft-final-shots2``): two different conditions never
+        share one, whatever their display names."""
+        if not self.finetuned:
+            return f"shots{self.shots}" if self.key[3] >= 0 else safe_name(self.name)
+        head = "" if self.method in ("", "lora") else f"{safe_name(self.method)}-"
+        step = "ft-final" if self.checkpoint_step is None else f"ft-step{self.checkpoint_step:06d}"
+        return f"{head}{step}" + (f"-shots{self.shots}" if self.shots else "")
 
 
 def _hex(rgba: tuple[float, float, float, float]) -> str:
     return matplotlib.colors.to_hex(rgba)
 
 
-def condition_of(name: str, info: Mapping[str, Any] | None = None) -> Condition:
-    """The condition of a run, from its ``runs`` entry where present, else from its name."""
-    info = info or {}
-    finetuned = info.get("finetuned")
-    shots = info.get("shots")
-    step = info.get("checkpoint_step")
-    m_shots, m_step = _SHOTS_RE.match(name), _STEP_RE.match(name)
-    if finetuned is None:
-        finetuned = name.startswith("ft-")
-    if shots is None and m_shots:
-        shots = int(m_shots.group(1))
-    if step is None and m_step:
-        step = int(m_step.group(1))
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def shots_color(shots: int) -> str:
+    """The fixed colour of ``shots`` in-context examples on the base model."""
+    lo, hi = _SHOTS_SPAN
+    frac = math.log2(1 + min(max(shots, 0), _SHOTS_MAX)) / math.log2(1 + _SHOTS_MAX)
+    return _hex(matplotlib.colormaps[_SHOTS_CMAP](lo + (hi - lo) * frac))
+
+
+def condition_of(info: Mapping[str, Any], name: str | None = None) -> Condition:
+    """The condition of a run from its ``runs`` entry: ``shots``, ``finetuned``, ``method`` and
+    ``checkpoint_step``. The display name (``info["condition"]``, or ``name``) is never read for
+    any of these: a run named oddly but with its fields set is drawn where its fields say.
+    """
+    shots = _int_or_none(info.get("shots"))
+    finetuned = info.get("finetuned") is True
+    method = str(info.get("method") or "") if finetuned else ""
+    step = _int_or_none(info.get("checkpoint_step")) if finetuned else None
+    display = str(info.get("condition") or name or "")
+    shots_txt = f", {shots}-shot" if shots else ""
+    key = (finetuned, method, step, shots if shots is not None else -1)
 
     if finetuned:
-        if name == "ft-final" or step is None:
-            return Condition(name, "fine-tuned", FINETUNED_COLOR, "s", "-",
-                             (1, math.inf, 0, name))
-        frac = min(math.log10(max(int(step), 1)) / 5.0, 1.0)
-        color = _hex(matplotlib.colormaps[_CHECKPOINT_CMAP](0.35 + 0.45 * frac))
-        return Condition(name, f"fine-tuned, step {int(step)}", color, "s", "--",
-                         (1, float(step), 0, name))
+        final_color, cmap = _FINETUNED.get(method, _FINETUNED_DEFAULT)
+        who = f"{METHOD_LABELS.get(method, method)} fine-tuned" if method else "fine-tuned"
+        method_rank = 1.0 if method == "full" else 0.0
+        if step is None:
+            return Condition(display or "ft-final", who + shots_txt, final_color, "s", "-",
+                             (1, method_rank, math.inf, float(shots or 0), display), key,
+                             shots or 0, True, method, None)
+        # Light to dark over steps 10 to 10240, each doubling an equal shade apart.
+        frac = min(max(math.log2(max(step, 1) / _STEP_LOW) / _STEP_DOUBLINGS, 0.0), 1.0)
+        lo, hi = _STEP_SPAN
+        color = _hex(matplotlib.colormaps[cmap](lo + (hi - lo) * frac))
+        return Condition(display or f"ft-step{step:06d}", f"{who}, step {step}{shots_txt}", color,
+                         "s", "--", (1, method_rank, float(step), float(shots or 0), display),
+                         key, shots or 0, True, method, step)
     if shots is not None:
-        shots = int(shots)
-        lo, hi = _SHOTS_SPAN
-        pos = lo + (hi - lo) * min(shots, _SHOTS_MAX) / _SHOTS_MAX
-        color = _hex(matplotlib.colormaps[_SHOTS_CMAP](pos))
-        return Condition(name, f"{shots}-shot", color, "o", "-", (0, float(shots), 0, name))
-    return Condition(name, name, UNKNOWN_COLOR, "^", ":", (2, 0, 0, name))
+        return Condition(display or f"shots{shots}", f"{shots}-shot", shots_color(shots), "o",
+                         "-", (0, 0, float(shots), 0, display), key, shots, False, "", None)
+    return Condition(display or "unknown", display or "unknown condition", UNKNOWN_COLOR, "^",
+                     ":", (2, 0, 0, 0, display), key, 0, False, "", None)
 
 
-def condition_color(name: str, info: Mapping[str, Any] | None = None) -> str:
-    """The fixed colour of a condition, as a hex string."""
-    return condition_of(name, info).color
+def condition_color(info: Mapping[str, Any]) -> str:
+    """The fixed colour of the condition of a run's ``runs`` entry, as a hex string."""
+    return condition_of(info).color
+
+
+# Tasks get fixed colours (the five released tasks and parity first, in a fixed order), so a task
+# looks the same in every figure whatever else a file holds; other tasks follow in name order.
+TASK_ORDER = ("mmlu", "expression", "relation", "boolean", "algebra", "code", "parity")
+_TASK_PALETTE = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                 "#e377c2", "#17becf", "#bcbd22")
+
+
+def task_colors(tasks: Sequence[str]) -> dict[str, str]:
+    """A colour per task: known tasks by :data:`TASK_ORDER`, others after them by name."""
+    extra = sorted(t for t in set(tasks) if t not in TASK_ORDER)
+    order = list(TASK_ORDER) + extra
+    return {t: _TASK_PALETTE[order.index(t) % len(_TASK_PALETTE)] for t in tasks}
+
+
+# The two variants of a generated task: the shortcut holds (solid) or misleads (dashed).
+VARIANT_STYLES = {"pattern": "-", "misleading": "--"}
+
+
+def variant_style(variant: str) -> str:
+    """Line style of a task variant: pattern solid, misleading dashed, anything else dotted."""
+    return VARIANT_STYLES.get(variant, ":")
 
 
 @contextmanager
@@ -119,6 +184,13 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     fig = Figure(figsize=(width_in, height_in), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def suptitle(fig: Figure, text: str, width_in: float) -> None:
+    """A page title at the left, wrapped to ``width_in`` inches (the panels' width): centred on a
+    figure with a legend at the right, a long title would run over the legend."""
+    # About 11 characters an inch at the 11 pt title size.
+    fig.suptitle(textwrap.fill(text, max(20, int(11 * width_in))), x=0.01, ha="left")
 
 
 def safe_name(text: str) -> str:

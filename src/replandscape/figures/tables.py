@@ -1,10 +1,17 @@
-"""Accuracy table, model x condition, as Markdown and LaTeX (METHOD.md section 5)."""
+"""Accuracy tables, model x condition for each task, as Markdown and LaTeX (METHOD.md section 5).
+
+Accuracies use the strict rule (:func:`~replandscape.figures.data.accuracy_value`); macro
+accuracy is the mean over the groups the results store (MMLU's subjects, a generated task's
+variants).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
-from replandscape.figures.data import all_runs, conditions, natural_key, number
+from replandscape.figures.data import accuracy_value, all_runs, conditions, natural_key, tasks
 from replandscape.figures.style import Condition
 from replandscape.results import Results
 
@@ -15,26 +22,48 @@ MISSING_TEX = "--"
 
 @dataclass(frozen=True)
 class AccuracyTable:
-    """Accuracies in percent: ``values[kind][model][condition]`` (None where not measured)."""
+    """Accuracies of one task in percent: ``values[kind][model][condition key]`` (None where not
+    measured)."""
 
+    task: str
     models: list[str]
     conditions: list[Condition]
-    values: dict[str, dict[str, dict[str, float | None]]]
+    values: dict[str, dict[str, dict[tuple[object, ...], float | None]]]
+
+    def value(self, kind: str, model: str, condition: Condition) -> float | None:
+        return self.values[kind][model].get(condition.key)
 
 
-def accuracy_table(results: Results) -> AccuracyTable:
-    """Collect macro and micro accuracy (stored as fractions) in percent per model and condition."""
-    runs = [i for i in all_runs(results) if i.run in results.runs]
+def accuracy_table(results: Results, task: str | None = None,
+                   rule: str = "strict") -> AccuracyTable:
+    """Macro and micro accuracy (stored as fractions) in percent per model and condition of
+    ``task`` (which may be left out when the results hold one task), under ``rule``."""
+    every = all_runs(results)
+    if task is None:
+        names = tasks(every)
+        if len(names) > 1:
+            raise ValueError(f"results hold {len(names)} tasks ({', '.join(names)}); pass task=")
+        task = names[0] if names else ""
+    runs = [i for i in every if i.task == task]
     conds = conditions(runs)
     names = sorted({i.model for i in runs}, key=natural_key)
-    values: dict[str, dict[str, dict[str, float | None]]] = {
-        kind: {m: {c.name: None for c in conds} for m in names} for kind, _ in KINDS}
+    values: dict[str, dict[str, dict[tuple[object, ...], float | None]]] = {
+        kind: {m: {c.key: None for c in conds} for m in names} for kind, _ in KINDS}
     for info in runs:
-        acc = info.info.get("accuracy") or {}
         for kind, _ in KINDS:
-            v = number(acc.get(kind)) if isinstance(acc, dict) else float("nan")
-            values[kind][info.model][info.condition.name] = None if v != v else 100.0 * v
-    return AccuracyTable(names, conds, values)
+            v = accuracy_value(info.info, rule, kind)
+            values[kind][info.model][info.condition.key] = None if math.isnan(v) else 100.0 * v
+    return AccuracyTable(task, names, conds, values)
+
+
+def accuracy_tables(results: Results, rule: str = "strict") -> list[AccuracyTable]:
+    """:func:`accuracy_table` of every task of ``results``, MMLU first."""
+    return [accuracy_table(results, t, rule) for t in tasks(results)]
+
+
+def caption(kind_caption: str, task: str) -> str:
+    """``Macro accuracy (%), mmlu``."""
+    return f"{kind_caption}, {task}" if task else kind_caption
 
 
 def _fmt(v: float | None, missing: str) -> str:
@@ -42,18 +71,18 @@ def _fmt(v: float | None, missing: str) -> str:
 
 
 def accuracy_markdown(results: Results, *, heading_level: int = 3) -> str:
-    """Two Markdown tables (macro, then micro accuracy in %), models as rows."""
-    t = accuracy_table(results)
+    """Per task, two Markdown tables (macro, then micro accuracy in %), models as rows."""
     hashes = "#" * heading_level
     out = []
-    for kind, caption in KINDS:
-        out.append(f"{hashes} {caption}\n")
-        out.append("| model | " + " | ".join(c.label for c in t.conditions) + " |")
-        out.append("|---|" + "---:|" * len(t.conditions))
-        for m in t.models:
-            cells = [_fmt(t.values[kind][m][c.name], MISSING_MD) for c in t.conditions]
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
-        out.append("")
+    for t in accuracy_tables(results):
+        for kind, kind_caption in KINDS:
+            out.append(f"{hashes} {caption(kind_caption, t.task)}\n")
+            out.append("| model | " + " | ".join(c.label for c in t.conditions) + " |")
+            out.append("|---|" + "---:|" * len(t.conditions))
+            for m in t.models:
+                cells = [_fmt(t.value(kind, m, c), MISSING_MD) for c in t.conditions]
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
     return "\n".join(out)
 
 
@@ -62,23 +91,29 @@ _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
                 "^": r"\textasciicircum{}"}
 
 
-def _tex(text: str) -> str:
+def tex(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
     return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+def tex_label(text: str) -> str:
+    """A fragment of a ``\\label``: letters, digits and dashes only."""
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "x"
+
+
 def accuracy_latex(results: Results) -> str:
-    """Two booktabs tables (macro, then micro accuracy in %), ready to ``\\input``."""
-    t = accuracy_table(results)
+    """Per task, two booktabs tables (macro, then micro accuracy in %), ready to ``\\input``."""
     out = ["% replandscape accuracy table; needs \\usepackage{booktabs}"]
-    for kind, caption in KINDS:
-        out += [r"\begin{table}[t]", r"\centering",
-                f"\\caption{{{_tex(caption)}}}",
-                f"\\label{{tab:accuracy-{kind}}}",
-                r"\begin{tabular}{l" + "r" * len(t.conditions) + "}", r"\toprule",
-                "model & " + " & ".join(_tex(c.label) for c in t.conditions) + r" \\",
-                r"\midrule"]
-        for m in t.models:
-            cells = [_fmt(t.values[kind][m][c.name], MISSING_TEX) for c in t.conditions]
-            out.append(f"{_tex(m)} & " + " & ".join(cells) + r" \\")
-        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    for t in accuracy_tables(results):
+        for kind, kind_caption in KINDS:
+            out += [r"\begin{table}[t]", r"\centering",
+                    f"\\caption{{{tex(caption(kind_caption, t.task))}}}",
+                    f"\\label{{tab:accuracy-{tex_label(t.task)}-{kind}}}",
+                    r"\begin{tabular}{l" + "r" * len(t.conditions) + "}", r"\toprule",
+                    "model & " + " & ".join(tex(c.label) for c in t.conditions) + r" \\",
+                    r"\midrule"]
+            for m in t.models:
+                cells = [_fmt(t.value(kind, m, c), MISSING_TEX) for c in t.conditions]
+                out.append(f"{tex(m)} & " + " & ".join(cells) + r" \\")
+            out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)
