@@ -60,9 +60,9 @@ def test_serial_and_mpi_ranks_agree(extracted: Path, tmp_path: Path) -> None:
             other = outs[n][key]
             for metric in ("n_points", "n_peaks", "core_fraction", "ari", "id_gride", "id"):
                 assert other[metric] == row[metric], (key, metric)
-    first = outs[1][("tiny/shots0", "input_layernorm.00")]
+    first = outs[1][("tiny/mmlu/shots0", "input_layernorm.00")]
     assert first["skipped"] == "all rows identical" and first["id"] is None
-    later = outs[1][("tiny/shots2", "norm")]
+    later = outs[1][("tiny/mmlu/shots2", "norm")]
     assert later["n_points"] > 40 and later["id"] > 0 and later["n_peaks"] >= 1
     assert set(later["ari"]) == {"subject", "answer"}
 
@@ -119,7 +119,7 @@ def test_failing_rank_aborts_every_rank_promptly(extracted: Path, tmp_path: Path
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 60
     assert "replandscape: error:" in proc.stderr and "maxk" in proc.stderr
-    assert "tiny/shots" in proc.stderr and " site " in proc.stderr  # names the run and site
+    assert "tiny/mmlu/shots" in proc.stderr and " site " in proc.stderr  # names the run and site
 
 
 def test_site_that_does_not_exist_is_refused(extracted: Path, tmp_path: Path) -> None:
@@ -157,9 +157,9 @@ def test_subsample_is_balanced_fixed_and_stored(extracted: Path, tmp_path: Path)
     assert data["analysis_params"]["per_subject_cap"] == 20
     assert all(r["n_subsampled"] <= 20 * 6 for r in data["rows"])
     # the subset is stored with the results: which questions every site was measured on
-    stored = data["runs"]["tiny/shots0"]["subsample"]
+    stored = data["runs"]["tiny/mmlu/shots0"]["subsample"]
     assert stored["n"] == len(stored["question_ids"]) == data["rows"][1]["n_subsampled"]
-    assert stored == data["runs"]["tiny/shots2"]["subsample"]  # the same questions per condition
+    assert stored == data["runs"]["tiny/mmlu/shots2"]["subsample"]  # the same questions per condition
     # each measured site's per-point arrays: which question fell in which peak
     measured = [r for r in data["rows"] if not r.get("skipped")]
     assert measured and all(r["points"] == f"points/{r['run'].replace('/', '_')}__{r['site']}.npz"
@@ -210,7 +210,7 @@ def test_planned_depths_follow_the_site_names(extracted: Path, tmp_path: Path) -
 
     cfg = load_config(_copy(extracted, tmp_path))
     tasks, runs = plan_tasks(cfg, activation_files(cfg))
-    assert [t.relative_depth for t in tasks if t.run == "tiny/shots0"] == [0, 0.25, 0.5, 0.75, 1]
+    assert [t.relative_depth for t in tasks if t.run == "tiny/mmlu/shots0"] == [0, 0.25, 0.5, 0.75, 1]
     assert all(len(r["provenance"]["input_id"]) == 64 for r in runs.values())
 
 
@@ -311,7 +311,7 @@ def test_replaced_activations_are_analysed_again(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     changed = [ln for ln in again.stderr.splitlines() if "recomputing" in ln]
     assert changed == ["[analyze] recomputing 5 task(s) whose activation file changed since "
-                       "they were analysed: tiny/shots0 (5 sites)"], again.stderr
+                       "they were analysed: tiny/mmlu/shots0 (5 sites)"], again.stderr
     after = _rows(results)
     assert after.keys() == before.keys()
     assert any(after[k]["id"] != before[k]["id"] for k in after)

@@ -27,7 +27,7 @@ def test_run_all_with_a_relative_output_folder(tmp_path: Path) -> None:
     assert "shots0.h5" in acts and "shots2.h5" in acts and "ft-final.h5" in acts
     assert any(a.startswith("ft-step") for a in acts)  # every log-spaced checkpoint
     results = json.loads((out / "analysis" / "results.json").read_text())
-    ft = results["runs"]["tiny/ft-final"]
+    ft = results["runs"]["tiny/mmlu/ft-final"]
     assert ft["finetuned"] and ft["checkpoint_step"] >= 1
     assert ft["provenance"]["checkpoint"].endswith("adapter-final")
     assert (out / "figures" / "report.md").is_file() and (out / "config.sha256").is_file()
@@ -47,6 +47,6 @@ def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None
     assert "demo finished in" in proc.stdout
     for name in ("shots0.h5", "shots5.h5", "ft-final.h5"):
         assert (out / "activations" / name).is_file()
-    for name in ("profiles_demo-llama.png", "profiles_demo-llama.pdf", "ari_subject.png",
+    for name in ("profiles_demo-llama_mmlu.png", "profiles_demo-llama_mmlu.pdf", "ari_mmlu_subject.png",
                  "accuracy.md", "accuracy.tex", "report.md"):
         assert (out / "figures" / name).is_file(), name

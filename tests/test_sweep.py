@@ -103,7 +103,7 @@ def test_small_sweep_runs_end_to_end_as_real_jobs(slurm_cluster: object, tmp_pat
     assert [j["key"] for j in record["jobs"]] == ["t/extract", "t/finetune", "t/extract-ft",
                                                   "t/analyze", "t/figures"]
     results = json.loads((root / "t" / "analysis" / "results.json").read_text())
-    assert set(results["runs"]) == {"tiny/shots0", "tiny/shots2", "tiny/ft-final"}
+    assert set(results["runs"]) == {"tiny/mmlu/shots0", "tiny/mmlu/shots2", "tiny/mmlu/ft-final"}
     assert "over 2 rank(s)" in Path(record["jobs"][3]["logs"][0]).read_text()
     # the figures job drew the real results: one line per condition, the expected panels
     from matplotlib.image import imread
@@ -113,10 +113,10 @@ def test_small_sweep_runs_end_to_end_as_real_jobs(slurm_cluster: object, tmp_pat
 
     fig = plot_profiles(read_results(root / "t" / "analysis" / "results.json"), "tiny")
     assert len(fig.axes) == 3 and all(len(ax.get_lines()) == 3 for ax in fig.axes)
-    png = imread(root / "figures" / "profiles_tiny.png")
+    png = imread(root / "figures" / "profiles_tiny_mmlu.png")
     assert png.shape[0] > 200 and png.std() > 0
     report = (root / "figures" / "report.md").read_text()
-    assert "profiles_tiny.png" in report and "fine-tuned" in report
+    assert "profiles_tiny_mmlu.png" in report and "fine-tuned" in report
     status = cli("status", str(root))
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6
     # the array tasks left the experiment's own config beside its outputs

@@ -67,6 +67,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """What the model is asked (docs/method.md §1): MMLU, or a generated implicit-pattern task
+    answered by generation (§7). The task is an axis of a run, like the model and the condition."""
+
+    # "mmlu" (multiple choice, scored from the answer-letter logits) or a generated task:
+    # expression, relation, boolean, algebra, code, parity (replandscape.tasks)
+    name: str = "mmlu"
+    # generated tasks: which variants are evaluated
+    variants: tuple[Literal["pattern", "misleading"], ...] = ("pattern", "misleading")
+    # generated tasks: the rule that decides `correct` (both are stored): "strict" = the
+    # continuation starts with the answer, not followed by a letter or digit; "substring" = the
+    # answer occurs anywhere in it (the released rule)
+    scoring: Literal["strict", "substring"] = "strict"
+    # generated tasks: tokens generated per prompt; null = the task's own (longest answer + 1)
+    max_new_tokens: int | None = None
+    # generated tasks with data.source "builtin:task": items per variant of the generated splits
+    n_test: int = 200
+    n_dev: int = 64
+    n_train: int = 1000
+
+
+@dataclass(frozen=True)
 class PromptConfig:
     """Few-shot prompt construction (METHOD.md section 1)."""
 
@@ -126,9 +148,15 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """LoRA fine-tuning (METHOD.md section 3)."""
+    """Fine-tuning, LoRA or full-parameter (docs/method.md §4; generated tasks §7.6)."""
 
     enabled: bool = True
+    # "lora": adapters on target_modules; "full": every weight trained (ZeRO-3 partitions the
+    # weights, gradients and optimizer states over ranks), checkpoints saved as whole models
+    method: Literal["lora", "full"] = "lora"
+    # "answer": the loss of the answer tokens alone (per-sample mean, weighted); "all": every
+    # token of the sample (the released implicit-task recipe), a token mean over the batch
+    loss: Literal["answer", "all"] = "answer"
     lora_rank: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -151,6 +179,19 @@ class FinetuneConfig:
     # 0 replicates (the fastest choice for one rank, where there is nothing to partition)
     zero_stage: Literal[0, 2, 3] = 3
     save_every: int = 0
+    # generated tasks: the tasks whose train splits are mixed (empty: the run's own task),
+    # samples_per_task items of each (seeded choice), of the variants in train_variants
+    tasks: tuple[str, ...] = ()
+    samples_per_task: int = 1000
+    train_variants: tuple[Literal["pattern", "misleading"], ...] = ("pattern", "misleading")
+    # learning-rate shape after the warm-up: "cosine" decays to min_lr_ratio, "constant" stays
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # warm-up steps; null: ceil(warmup_ratio x steps) capped at warmup_max_steps
+    warmup_steps: int | None = None
+    # cap on the optimiser steps (null: epochs x steps per epoch)
+    max_steps: int | None = None
+    # a checkpoint every N steps (0: the log-spaced log_checkpoints instead)
+    checkpoint_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +257,7 @@ class ExperimentConfig:
     """Everything one run of the pipeline needs; each stage reads its own section."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -540,6 +582,21 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
     def bad(key: str, message: str, fix: str) -> UserError:
         return UserError(message, file=file, key=key, fix=fix)
 
+    t = cfg.task
+    if t.name != "mmlu":
+        from replandscape.tasks import TASK_NAMES
+
+        if t.name not in TASK_NAMES:
+            raise bad("task.name", f"unknown task '{t.name}'",
+                      f"use mmlu or one of {', '.join(TASK_NAMES)}")
+        if not t.variants or len(set(t.variants)) != len(t.variants):
+            raise bad("task.variants", "no variants, or one listed twice",
+                      "list pattern and/or misleading once each")
+        if t.max_new_tokens is not None and t.max_new_tokens < 1:
+            raise bad("task.max_new_tokens", "must be at least 1", "use null (the task's own)")
+        for key in ("n_test", "n_dev", "n_train"):
+            if getattr(t, key) < 1:
+                raise bad(f"task.{key}", "must be at least 1", "use a positive number")
     p = cfg.prompts
     if not p.shots:
         raise bad("prompts.shots", "no shot counts given", "list at least one, e.g. [0, 5]")
@@ -580,10 +637,36 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
     if e.batch_size < 1:
         raise bad("extract.batch_size", "must be at least 1", "use a positive number")
     f = cfg.finetune
-    if f.lora_rank < 1:
+    if f.method == "lora" and f.lora_rank < 1:
         raise bad("finetune.lora_rank", "must be at least 1", "use e.g. 64")
-    if not f.target_modules:
+    if f.method == "lora" and not f.target_modules:
         raise bad("finetune.target_modules", "no target modules", "list e.g. q_proj, v_proj")
+    if f.tasks:
+        from replandscape.tasks import TASK_NAMES
+
+        if t.name == "mmlu":
+            raise bad("finetune.tasks", "a task mixture needs a generated task (task.name is "
+                      "mmlu)", "leave finetune.tasks empty or set task.name")
+        for i, name in enumerate(f.tasks):
+            if name not in TASK_NAMES:
+                raise bad(f"finetune.tasks[{i}]", f"unknown task '{name}'",
+                          f"use one of {', '.join(TASK_NAMES)}")
+        if len(set(f.tasks)) != len(f.tasks):
+            raise bad("finetune.tasks", "a task is listed twice", "list each task once")
+    if f.samples_per_task < 1:
+        raise bad("finetune.samples_per_task", "must be at least 1", "use e.g. 1000")
+    if not f.train_variants or len(set(f.train_variants)) != len(f.train_variants):
+        raise bad("finetune.train_variants", "no variants, or one listed twice",
+                  "list pattern and/or misleading once each")
+    if f.warmup_steps is not None and f.warmup_steps < 0:
+        raise bad("finetune.warmup_steps", "must be 0 or more", "use e.g. 20, or null")
+    if f.max_steps is not None and f.max_steps < 1:
+        raise bad("finetune.max_steps", "must be at least 1", "use e.g. 300, or null")
+    if f.checkpoint_every < 0:
+        raise bad("finetune.checkpoint_every", "must be 0 or more", "use e.g. 10, or 0")
+    if f.checkpoint_every and f.log_checkpoints:
+        raise bad("finetune.checkpoint_every", "set together with finetune.log_checkpoints",
+                  "set one of them to 0")
     if f.effective_batch % f.micro_batch:
         raise bad("finetune.effective_batch", f"{f.effective_batch} is not a multiple of the "
                   f"micro-batch {f.micro_batch}", "make effective_batch a multiple of micro_batch")

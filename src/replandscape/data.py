@@ -361,6 +361,10 @@ def subject_counts(questions: Sequence[Question]) -> Counter[str]:
 def check_config_against_data(cfg: ExperimentConfig) -> int:
     """Checks that need the data itself (local or bundled sources only); returns the points per
     site the analysis will see."""
+    if cfg.task.name != "mmlu":
+        from replandscape.evalset import check_task_against_data
+
+        return check_task_against_data(cfg)
     if looks_like_hub_id(cfg.data.source) and not Path(cfg.data.source).is_dir():
         return -1  # not downloaded on the login node; checked when the stage runs
     questions = select_eval_questions(load_split(cfg.data, cfg.data.eval_split), cfg.data,

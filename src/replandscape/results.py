@@ -2,22 +2,29 @@
 
 The figures read nothing else, so this module imports neither torch nor mpi4py.
 
-Layout (``schema_version`` 1)::
+Layout (``schema_version`` 2: a run is identified by model, task and condition)::
 
     {
       "kind": "replandscape.results",
-      "schema_version": 1,
+      "schema_version": 2,
       "code_version": "...",
       "analysis_params": {...},           # the AnalysisConfig used, as a dict
       "analysis_params_hash": "sha256 hex",
       "runs": {
-        RUN: {                            # e.g. "demo-llama/shots5", "demo-llama/ft-final"
-          "model": "demo-llama", "condition": "shots5", "shots": 5,
-          "finetuned": false, "checkpoint_step": null,
+        RUN: {                            # MODEL/TASK/CONDITION: "demo-llama/mmlu/shots5",
+                                          # "qwen-0.5b/expression/ft-step000100"
+          "model": "demo-llama", "task": "mmlu", "condition": "shots5",   # condition: a name
+          "shots": 5, "finetuned": false, "method": "",                   # "", "lora", "full"
+          "checkpoint_step": null, "examples_seen": null,                 # fine-tuned runs
           "n_sites": 8, "site_names": [...],
-          "accuracy": {"micro": 0.4, "macro": 0.38, "per_subject": {SUBJECT: acc}},
+          "label_columns": ["subject", "answer"],    # generated tasks: ["target", "variant"]
+          "accuracy": {"micro": 0.4, "macro": 0.38, "n": 300,
+                       "per_subject": {GROUP: acc},  # GROUP: the subject, or the variant
+                       "substring": {...}, "scoring": "strict"},   # generated tasks only
           "provenance": {"activations": PATH, "config_hash": ..., "model_path": ...,
-                         "input_id": "sha256 hex", ...},   # the activation file's identity
+                         "input_id": "sha256 hex",   # the activation file's identity
+                         "finetune_test_accuracy": 0.74 | null, ...},  # ft-final: what the
+                                                     # fine-tuning stage measured itself
           "subsample": {"n": 9181, "question_ids": [...]}   # the balanced subset analysed
         }
       },
@@ -29,7 +36,7 @@ Layout (``schema_version`` 1)::
          "n_peaks": 4, "core_fraction": 0.61,
          "peaks": {"sizes": [...], "centers": [...], "log_density": [...],   # ADP without halo
                    "saddles": [[i, j, log_density], ...]},                  # bordering peaks, i < j
-         "ari": {"subject": 0.3, "answer": 0.01},
+         "ari": {"subject": 0.3, "answer": 0.01},      # keyed by the run's label columns
          "overlap": {"subject": 0.5, "answer": 0.3},
          "dendrogram": null | {"linkage": [[...4 floats...]...], "leaf_labels": [...], "peak_sizes": [...]},
          "seconds": {...}, "seconds_total": 1.2,
@@ -54,7 +61,7 @@ from replandscape.atomic import write_text_atomic
 from replandscape.errors import UserError
 
 RESULTS_KIND = "replandscape.results"
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2
 
 ROW_REQUIRED = ("run", "site", "site_index", "relative_depth", "n_points", "id", "n_peaks",
                 "core_fraction", "ari")
@@ -215,6 +222,11 @@ def read_results(path: str | os.PathLike[str]) -> Results:
         raise UserError("not a replandscape results file", file=str(path), key="kind",
                         fix="pass the analysis/results.json written by 'replandscape run analyze'")
     version = data.get("schema_version")
+    if version == 1:
+        raise UserError("results schema version 1 (runs keyed by model and condition only) is "
+                        "not read any more", file=str(path), key="schema_version",
+                        fix="re-run 'replandscape run analyze CONFIG': finished sites are "
+                            "recomputed from the activation files, which are kept")
     if version != RESULTS_SCHEMA_VERSION:
         raise UserError(f"results schema version {version} is not supported (this code reads "
                         f"{RESULTS_SCHEMA_VERSION})", file=str(path), key="schema_version",

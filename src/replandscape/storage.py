@@ -51,7 +51,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,9 @@ NUMERIC_ROW_FIELDS: dict[str, Any] = {
 STRING_ROW_FIELDS = ("subject", "prompt", "prompt_sha256")
 DIGEST_ALGORITHM = "crc32"
 NO_EXTRAS: Mapping[str, Any] = MappingProxyType({})
+# computes string columns and header attributes from the gathered numeric row fields (e.g. the
+# generated tokens, stored as numbers while ranks write, decoded to text once at finalisation)
+Derive = Callable[[Mapping[str, np.ndarray]], tuple[Mapping[str, Sequence[str]], Mapping[str, Any]]]
 _DIGEST_BLOCK_BYTES = 64 << 20  # rows read per digest step: bounded memory on 100 GB sites
 
 
@@ -621,7 +624,8 @@ def _finish_file(fh: Any, header: Mapping[str, Any], subjects: Sequence[str],
 def finalize_shards(final_path: Path, world: int, sites: Sequence[SiteSpec],
                     header: Mapping[str, Any], subjects: Sequence[str], prompts: Sequence[str],
                     *, extra_fields: Mapping[str, Any] = NO_EXTRAS,
-                    extra_strings: Mapping[str, Sequence[str]] = NO_EXTRAS) -> Path:
+                    extra_strings: Mapping[str, Sequence[str]] = NO_EXTRAS,
+                    derive: Derive | None = None) -> Path:
     """Join complete shards into ``final_path`` (virtual site datasets), atomically.
 
     Args:
@@ -631,6 +635,8 @@ def finalize_shards(final_path: Path, world: int, sites: Sequence[SiteSpec],
         extra_fields: the numeric row fields declared to the writers beyond the fixed ones; when
             empty, every field the shards hold is kept.
         extra_strings: added string row columns (name -> one string per row).
+        derive: called with the gathered numeric row fields; returns more string columns and
+            more header attributes.
     """
     h5py = _h5py()
     n = len(subjects)
@@ -672,6 +678,11 @@ def finalize_shards(final_path: Path, world: int, sites: Sequence[SiteSpec],
                 else:
                     kept.append((int(crc), int(np.prod(ds.shape)) * ds.dtype.itemsize))
             blocks.append((path, start, stop))
+    if derive is not None:
+        more_strings, more_header = derive(numeric)
+        extra_strings = {**extra_strings, **more_strings}
+        header = {**header, **more_header}
+        _check_strings(extra_strings, fields, n)
     tmp = final_path.with_name(final_path.name + ".tmp")
     with h5py.File(tmp, "w") as fh:
         grp = fh.create_group("sites")
@@ -714,7 +725,8 @@ def _mpio_site_blocks(ds: Any, n: int) -> list[tuple[int, int]] | None:
 def finalize_mpio(final_path: Path, sites: Sequence[SiteSpec], header: Mapping[str, Any],
                   subjects: Sequence[str], prompts: Sequence[str], *,
                   extra_fields: Mapping[str, Any] = NO_EXTRAS,
-                  extra_strings: Mapping[str, Sequence[str]] = NO_EXTRAS) -> Path:
+                  extra_strings: Mapping[str, Sequence[str]] = NO_EXTRAS,
+                  derive: Derive | None = None) -> Path:
     """Turn the shared MPI-IO file into the final file (rank 0, after all ranks closed it).
 
     Args: as :func:`finalize_shards`, without ``world``.
@@ -729,6 +741,11 @@ def finalize_mpio(final_path: Path, sites: Sequence[SiteSpec], header: Mapping[s
         fields = _final_fields(fh["rows"], extra_fields, src)
         _check_strings(extra_strings, fields, n)
         numeric = {name: fh["rows"][name][:] for name in fields}
+        if derive is not None:
+            more_strings, more_header = derive(numeric)
+            extra_strings = {**extra_strings, **more_strings}
+            header = {**header, **more_header}
+            _check_strings(extra_strings, fields, n)
         site_blocks = {}
         for s in sites:
             ds = fh["sites"][s.name]

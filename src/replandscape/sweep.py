@@ -13,6 +13,11 @@ A sweep file::
       shots: [0, 1, 2, 5]                 # optional: replaces prompts.shots everywhere
       finetune: true                      # optional: replaces finetune.enabled everywhere
       overrides: ["analysis.maxk=500"]    # optional: applied to every experiment
+      models: [qwen1.5-0.5b, pythia-1.4b] # optional axis: each experiment once per model file
+      tasks: [expression, boolean]        # optional axis: each experiment once per task
+
+With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
+named ``<run.name>-<model>-<task>``): the task is an axis like the model.
 
 Per experiment: ``extract`` (a job array, one task per shot count), ``finetune``, ``extract-ft``
 (after finetune), ``analyze`` (after both; MPI ranks through srun); then one ``figures`` job after
@@ -57,6 +62,8 @@ class SweepSpec:
     shots: tuple[int, ...] | None = None
     finetune: bool | None = None
     overrides: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     group_overrides = [o for o in overrides if parse_override(o)[0][0] in ("cluster", "model")
                        or o.startswith(("cluster.", "model."))]
     other = [o for o in overrides if o not in group_overrides]
+    for axis in ("models", "tasks"):
+        if getattr(spec, axis) is not None and not getattr(spec, axis):
+            raise UserError(f"the {axis} axis is empty", file=str(path), key=f"sweep.{axis}",
+                            fix=f"list at least one, or remove sweep.{axis}")
     names: set[str] = set()
     experiments = []
     for i, exp in enumerate(spec.experiments):
@@ -141,22 +152,41 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         if not Path(file).is_file():
             raise UserError(f"experiment config '{exp}' not found", file=str(path),
                             key=f"sweep.experiments[{i}]", fix="check the path")
-        extra = list(spec.overrides) + list(group_overrides) + list(other)
-        if spec.shots is not None:
-            extra.append(f"prompts.shots=[{','.join(str(k) for k in spec.shots)}]")
-        if spec.finetune is not None:
-            extra.append(f"finetune.enabled={str(spec.finetune).lower()}")
-        cfg = load_config(file, extra)
-        if cfg.run.name in names:
-            raise UserError(f"two experiments are named '{cfg.run.name}'", file=str(path),
-                            key=f"sweep.experiments[{i}]", fix="give each a distinct run.name")
-        names.add(cfg.run.name)
-        out = Path(spec.output_root) / cfg.run.name
-        extra.append(f"run.output_dir={out}")
-        cfg = load_config(file, extra)
-        check_model_fits(cfg, file)
-        experiments.append(Experiment(file, tuple(extra), cfg))
+        for axis_overrides, suffix in _axis_points(spec):
+            extra = (list(spec.overrides) + list(axis_overrides) + list(group_overrides)
+                     + list(other))
+            if spec.shots is not None:
+                extra.append(f"prompts.shots=[{','.join(str(k) for k in spec.shots)}]")
+            if spec.finetune is not None:
+                extra.append(f"finetune.enabled={str(spec.finetune).lower()}")
+            cfg = load_config(file, extra)
+            if suffix:
+                extra.append(f"run.name={cfg.run.name}{suffix}")
+                cfg = load_config(file, extra)
+            if cfg.run.name in names:
+                raise UserError(f"two experiments are named '{cfg.run.name}'", file=str(path),
+                                key=f"sweep.experiments[{i}]", fix="give each a distinct run.name")
+            names.add(cfg.run.name)
+            out = Path(spec.output_root) / cfg.run.name
+            extra.append(f"run.output_dir={out}")
+            cfg = load_config(file, extra)
+            check_model_fits(cfg, file)
+            experiments.append(Experiment(file, tuple(extra), cfg))
     return Sweep(spec.name, Path(spec.output_root), experiments, str(path))
+
+
+def _axis_points(spec: SweepSpec) -> list[tuple[tuple[str, ...], str]]:
+    """(overrides, run-name suffix) for every point of the sweep's model x task axes."""
+    models: Sequence[str | None] = spec.models or (None,)
+    tasks: Sequence[str | None] = spec.tasks or (None,)
+    points = []
+    for model in models:
+        for task in tasks:
+            overrides = ((f"model={model}",) if model else ()) + (
+                (f"task.name={task}",) if task else ())
+            suffix = "".join(f"-{v}" for v in (model, task) if v)
+            points.append((overrides, suffix))
+    return points
 
 
 def single_experiment(config_file: str, overrides: Sequence[str]) -> Sweep:

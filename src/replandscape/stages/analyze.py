@@ -157,22 +157,34 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
             attrs = af.attrs
             names = af.site_names
             condition = str(attrs["condition"])
-            run = f"{attrs['model_name']}/{condition}"
+            task_name = str(attrs.get("task", "mmlu"))
+            # a run is identified by (model, task, condition), so tasks of one model never meet
+            run = f"{attrs['model_name']}/{task_name}/{condition}"
             step = int(attrs.get("checkpoint_step", -1))
+            seen = int(attrs.get("examples_seen", -1))
             identity = input_id(path, attrs)
             # per-block sites name their block; the config's count serves files with none
             depths = site_depths(names, n_blocks_from_sites(names) or n_blocks_of(attrs))
+            accuracy = af.accuracy
+            if "accuracy_substring" in attrs:
+                accuracy["substring"] = json.loads(attrs["accuracy_substring"])
+                accuracy["scoring"] = str(attrs.get("scoring", "strict"))
+            reference = float(attrs.get("finetune_test_accuracy", -1.0))
             runs[run] = {
-                "model": str(attrs["model_name"]), "condition": condition,
+                "model": str(attrs["model_name"]), "task": task_name, "condition": condition,
                 "shots": int(attrs["shots"]), "finetuned": bool(attrs.get("finetuned", False)),
-                "checkpoint_step": None if step < 0 else step, "n_sites": len(names),
-                "site_names": names, "accuracy": af.accuracy,
+                "method": str(attrs.get("method", "lora" if attrs.get("finetuned") else "")),
+                "checkpoint_step": None if step < 0 else step,
+                "examples_seen": None if seen < 0 else seen, "n_sites": len(names),
+                "site_names": names, "label_columns": label_columns_of(attrs),
+                "accuracy": accuracy,
                 "provenance": {"activations": str(path), "config_hash": attrs.get("config_hash"),
                                "model_path": attrs.get("model_path"),
                                "model_revision": attrs.get("model_revision"),
                                "checkpoint": attrs.get("checkpoint"),
                                "code_version": attrs.get("code_version"),
-                               "n_rows": int(attrs["n_rows"]), "input_id": identity},
+                               "n_rows": int(attrs["n_rows"]), "input_id": identity,
+                               "finetune_test_accuracy": reference if reference >= 0 else None},
             }
             qids = af.rows("question_id")
             keep = balanced_subsample(qids, af.rows("subject"), cfg.analysis.per_subject_cap,
@@ -194,22 +206,37 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
     return tasks, runs
 
 
+def label_columns_of(attrs: Mapping[str, Any]) -> list[str]:
+    """The row columns a file's clusters are compared with (its task's labels; MMLU's subject
+    and answer for files that do not name them)."""
+    raw = attrs.get("label_columns")
+    return list(json.loads(raw)) if isinstance(raw, str) and raw else ["subject", "answer"]
+
+
 def load_site(task: Task, cfg: ExperimentConfig) -> tuple[np.ndarray, dict[str, np.ndarray],
-                                                          list[str], np.ndarray]:
-    """The subsampled [n, D] array of one site, its labels, the subject names and the question
-    id of each row."""
+                                                          dict[str, list[str]], np.ndarray]:
+    """The subsampled [n, D] array of one site, its label codes per label column, the names of
+    the codes per column, and the question id of each row."""
     from replandscape.storage import open_activations
 
     with open_activations(task.path) as af:
-        subjects = af.rows("subject")
-        answers = af.rows("answer")
+        groups = af.rows("subject")
         qids = af.rows("question_id")
-        keep = balanced_subsample(qids, subjects, cfg.analysis.per_subject_cap, cfg.run.seed)
+        keep = balanced_subsample(qids, groups, cfg.analysis.per_subject_cap, cfg.run.seed)
         rows = np.flatnonzero(keep)
         x = af.site(task.site, rows)
-    names = sorted(set(subjects[rows].tolist()))
-    codes = np.asarray([names.index(s) for s in subjects[rows]], dtype=np.int64)
-    return x, {"subject": codes, "answer": answers[rows].astype(np.int64)}, names, qids[rows]
+        columns = {name: af.rows(name)[rows] for name in label_columns_of(af.attrs)}
+    labels: dict[str, np.ndarray] = {}
+    names: dict[str, list[str]] = {}
+    for column, values in columns.items():
+        if values.dtype.kind in "iub":
+            labels[column] = values.astype(np.int64)
+            continue
+        text = [str(v) for v in values.tolist()]
+        names[column] = sorted(set(text))
+        index = {n: i for i, n in enumerate(names[column])}
+        labels[column] = np.asarray([index[t] for t in text], dtype=np.int64)
+    return x, labels, names, qids[rows]
 
 
 def all_identical(x: np.ndarray) -> bool:
@@ -231,7 +258,7 @@ def run_task(task: Task, cfg: ExperimentConfig, threads: int, dendrogram: bool,
         return _degenerate_row(task, len(x), "all rows identical", time.perf_counter() - t0), None
     params = geometry_params(cfg.analysis, dendrogram, threads)
     with threadpool_limits(limits=threads):
-        result = compute_geometry(x, labels, params, label_names={"subject": names},
+        result = compute_geometry(x, labels, params, label_names=names,
                                   neighbours=neighbours)
     row = result.to_json_dict()
     row.update(run=task.run, site=task.site, site_index=task.site_index,

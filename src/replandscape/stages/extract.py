@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,24 @@ import numpy as np
 
 from replandscape import __version__
 from replandscape.config import ExperimentConfig
-from replandscape.data import load_split, select_eval_questions, shots_by_subject
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
+from replandscape.evalset import (
+    EvalRecord,
+    eval_records,
+    is_generated,
+    label_columns,
+    max_new_tokens,
+    records_digest,
+)
 from replandscape.outputs import ensure_dir
 from replandscape.progress import progress as make_progress
-from replandscape.prompts import PromptRecord, build_prompts, letter_token_ids
+from replandscape.prompts import letter_token_ids
 from replandscape.storage import (
     MpioWriter,
     ShardWriter,
     SiteSpec,
+    accuracy_summary,
     encode_rows,
     finalize_mpio,
     finalize_shards,
@@ -58,6 +66,16 @@ class Condition:
     shots: int
     adapter: str | None = None
     checkpoint_step: int | None = None
+    # fine-tuned conditions: "lora" or "full" (empty for the base model) and the training
+    # examples seen at the checkpoint; stored as attributes, never parsed from the name
+    method: str = ""
+    examples_seen: int | None = None
+    # a fully fine-tuned checkpoint: a save_pretrained folder that replaces the base model
+    model_path: str | None = None
+
+    @property
+    def finetuned(self) -> bool:
+        return bool(self.method) or self.adapter is not None or self.model_path is not None
 
 
 @dataclass
@@ -100,11 +118,32 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
         if cfg.extract.checkpoints == "final" and not final:
             continue
         name = "ft-final" if final else f"ft-step{entry.step:06d}"
-        conds.append(Condition(name=name, shots=0, adapter=str(path), checkpoint_step=entry.step))
+        kind = str(getattr(entry, "kind", "lora") or "lora")
+        seen = getattr(entry, "examples_seen", None)
+        seen = entry.step * cfg.finetune.effective_batch if seen is None else int(seen)
+        if kind == "full":
+            conds.append(Condition(name=name, shots=0, model_path=str(path),
+                                   checkpoint_step=entry.step, method="full",
+                                   examples_seen=seen))
+        else:
+            conds.append(Condition(name=name, shots=0, adapter=str(path),
+                                   checkpoint_step=entry.step, method="lora", examples_seen=seen))
     if not conds:
         raise UserError("no usable fine-tuned checkpoint listed", file=str(index),
                         fix="re-run the finetune stage")
     return conds
+
+
+def check_context(cfg: ExperimentConfig, records: Mapping[int, Sequence[EvalRecord]]) -> None:
+    """Refuse, before any model is loaded, a shot count whose prompts do not fit the model's
+    context (with room for the generated tokens of a generated task)."""
+    from replandscape.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model.revision)
+    reserve = max_new_tokens(cfg) if is_generated(cfg) else 0
+    for shots, recs in sorted(records.items()):
+        tokenize(tokenizer, [r.prompt for r in recs], cfg.prompts.add_bos,
+                 cfg.model.context_length, [r.id for r in recs], shots=shots, reserve=reserve)
 
 
 def finetune_test_accuracy(cfg: ExperimentConfig) -> float | None:
@@ -125,18 +164,11 @@ def finetune_test_accuracy(cfg: ExperimentConfig) -> float | None:
 
 
 def decoder_parts(model: Any) -> tuple[Any, Sequence[Any], Any, Any]:
-    """(decoder, blocks, final norm, output head) of a causal LM, found by structure."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not hasattr(decoder, "layers"):
-        decoder = getattr(model, "model", None)
-    blocks = getattr(decoder, "layers", None)
-    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
-    head = model.get_output_embeddings()
-    if blocks is None or norm is None or head is None:
-        raise UserError(f"cannot find decoder blocks, final norm and output head in "
-                        f"{type(model).__name__}", key="model.path",
-                        fix="use a Llama/Mistral-style AutoModelForCausalLM")
-    return decoder, blocks, norm, head
+    """(decoder, blocks, final norm, output head) of a causal LM of a supported family."""
+    from replandscape.sites import resolve_sites
+
+    found = resolve_sites(model)
+    return found.decoder, found.blocks, found.final_norm, found.head
 
 
 def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
@@ -151,12 +183,19 @@ def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
 
 
 class LastTokenCapture:
-    """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean)."""
+    """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean).
+
+    Sites are found through the shared site vocabulary (:mod:`replandscape.sites`), so every
+    supported family is read at the same places that patching and knockout use.
+    """
 
     def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
+        from replandscape.sites import resolve_sites
+
         self.root = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.decoder, self.blocks, self.norm, self.head = decoder_parts(base)
+        self.sites = resolve_sites(model)
+        self.decoder, self.blocks = self.sites.decoder, self.sites.blocks
+        self.norm, self.head = self.sites.final_norm, self.sites.head
         self.kinds = list(kinds)
         self.pooling = pooling
         self.names = site_names(kinds, len(self.blocks))
@@ -165,6 +204,8 @@ class LastTokenCapture:
         self.mask: Any = None
         self.last_norm: Any = None
         self.handles: list[Any] = []
+        # off while a batch is continued by generation: the decoding steps are not prompt sites
+        self.enabled = True
 
     def _reduce(self, hidden: Any) -> Any:
         import torch
@@ -179,20 +220,24 @@ class LastTokenCapture:
 
     def _output_hook(self, name: str) -> Any:
         def hook(_module: Any, _args: Any, output: Any) -> None:
-            self.out[name] = self._reduce(output)
+            if self.enabled:
+                self.out[name] = self._reduce(output)
 
         return hook
 
     def _input_hook(self, name: str) -> Any:
         def hook(_module: Any, args: Any, kwargs: Any) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.out[name] = self._reduce(hidden)
+            if self.enabled:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.out[name] = self._reduce(hidden)
 
         return hook
 
     def _norm_hook(self, _module: Any, _args: Any, output: Any) -> None:
         import torch
 
+        if not self.enabled:
+            return
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         self.last_norm = hidden[torch.arange(hidden.shape[0], device=hidden.device),
                                 self.positions]
@@ -200,21 +245,20 @@ class LastTokenCapture:
             self.out["norm"] = self._reduce(hidden)
 
     def __enter__(self) -> LastTokenCapture:
+        from replandscape.sites import site_modules
+
         width = max(2, len(str(len(self.blocks) - 1)))
         for kind in self.kinds:
-            for i, block in enumerate(self.blocks):
+            if kind in ("norm", "logits"):
+                continue
+            for i in range(len(self.blocks)):
                 name = f"{kind}.{i:0{width}d}"
-                if kind == "input_layernorm":
-                    self.handles.append(block.input_layernorm.register_forward_hook(
-                        self._output_hook(name)))
-                elif kind == "post_attention_layernorm":
-                    self.handles.append(block.post_attention_layernorm.register_forward_hook(
-                        self._output_hook(name)))
-                elif kind == "residual":
-                    self.handles.append(block.register_forward_pre_hook(
+                module, side = site_modules(self.sites, kind, i)
+                if side == "input":
+                    self.handles.append(module.register_forward_pre_hook(
                         self._input_hook(name), with_kwargs=True))
-                elif kind == "block_output":
-                    self.handles.append(block.register_forward_hook(self._output_hook(name)))
+                else:
+                    self.handles.append(module.register_forward_hook(self._output_hook(name)))
         self.handles.append(self.norm.register_forward_hook(self._norm_hook))
         return self
 
@@ -229,10 +273,17 @@ class LastTokenCapture:
         return (self.last_norm.unsqueeze(1),) + tuple(args[1:])
 
     def run(self, input_ids: Any, attention_mask: Any) -> tuple[dict[str, Any], Any]:
-        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V]).
+        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V])."""
+        out, logits, _ = self.run_with_cache(input_ids, attention_mask, use_cache=False)
+        return out, logits
+
+    def run_with_cache(self, input_ids: Any, attention_mask: Any,
+                       use_cache: bool) -> tuple[dict[str, Any], Any, Any]:
+        """One batch: (site -> [B, D] tensor, last-token logits [B, V], key/value cache or None).
 
         The forward goes through the root module (the model DeepSpeed was given), never its
         decoder or head alone, so ZeRO-3's start- and end-of-forward hooks run on every batch.
+        With ``use_cache`` the cache of the prompt is returned, for generation to continue from.
         """
         import torch
 
@@ -245,13 +296,13 @@ class LastTokenCapture:
         handle = self.head.register_forward_pre_hook(self._head_input_hook)
         try:
             output = self.root(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False)
+                               position_ids=position_ids, use_cache=use_cache)
         finally:
             handle.remove()
         logits = output.logits[:, -1]
         if "logits" in self.kinds:
             self.out["logits"] = logits
-        return self.out, logits
+        return self.out, logits, (output.past_key_values if use_cache else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +311,10 @@ class LastTokenCapture:
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_length: int,
-             ids: Sequence[int]) -> list[list[int]]:
+             ids: Sequence[int], *, shots: int | None = None,
+             reserve: int = 0) -> list[list[int]]:
+    """Token ids of each prompt (BOS first when asked); a prompt that does not fit the model's
+    context (with ``reserve`` tokens left for generation) is one error naming the shot count."""
     encoded = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
     bos = tokenizer.bos_token_id
     out = []
@@ -268,8 +322,10 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_leng
         tokens = list(tokens)
         if add_bos and bos is not None and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)
-        if len(tokens) > context_length:
-            raise UserError(f"question {qid}: the prompt has {len(tokens)} tokens, over the "
+        if len(tokens) + reserve > context_length:
+            at = f" at {shots} shots" if shots is not None else ""
+            plus = f" + {reserve} to generate" if reserve else ""
+            raise UserError(f"item {qid}: the prompt{at} has {len(tokens)} tokens{plus}, over the "
                             f"model's context of {context_length}", key="prompts.shots",
                             fix="use fewer shots or a model with a longer context")
         out.append(tokens)
@@ -318,15 +374,24 @@ def collate(token_lists: Sequence[Sequence[int]], pad_id: int, side: str) -> tup
 # --------------------------------------------------------------------------------------------
 
 
-def stage_hash(cfg: ExperimentConfig, condition: Condition) -> str:
-    """Identity of one condition's output: only what changes the stored rows counts."""
+def stage_hash(cfg: ExperimentConfig, condition: Condition,
+               records: Sequence[EvalRecord] | None = None) -> str:
+    """Identity of one condition's output: what changes the stored rows, and nothing else.
+
+    Besides the config sections that matter, it covers a digest of every prompt and target the
+    model sees (:func:`evalset.records_digest`), so any change of a prompt-template field, a shot,
+    an item or a generator option redoes the extraction.
+    """
+    if records is None:
+        records = prepare_records(cfg, condition.shots)
     d = cfg.to_dict()
-    key = {"data": d["data"], "prompts": {"seed": d["prompts"]["seed"],
-                                          "add_bos": d["prompts"]["add_bos"]},
+    key = {"task": d["task"], "data": d["data"],
+           "prompts": {"seed": d["prompts"]["seed"], "add_bos": d["prompts"]["add_bos"]},
            "model": d["model"], "extract": {k: v for k, v in d["extract"].items()
                                             if k not in ("batch_size", "max_batch_tokens",
                                                          "device", "checkpoints")},
-           "condition": [condition.name, condition.shots, condition.checkpoint_step]}
+           "condition": [condition.name, condition.shots, condition.checkpoint_step],
+           "prompts_digest": records_digest(records)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -339,7 +404,8 @@ class LoadedModel:
     engine: Any = None
 
 
-def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None) -> LoadedModel:
+def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None,
+                        model_path: str | None = None) -> LoadedModel:
     """The model of one condition, ready for extraction on this rank.
 
     Under ZeRO-3 the base model is partitioned while it loads (``zero.Init`` through
@@ -350,7 +416,7 @@ def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None)
     """
     from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(cfg.model)
+    path = model_path or resolve_model_path(cfg.model)
     dtype = cfg.model.dtype if device.startswith("cuda") else cfg.model.cpu_dtype
     if device == "cpu":
         import torch
@@ -417,11 +483,9 @@ def _store_dtype(cfg: ExperimentConfig, model_dtype: str) -> str:
     return model_dtype if cfg.extract.store_dtype == "model" else cfg.extract.store_dtype
 
 
-def prepare_records(cfg: ExperimentConfig, shots: int) -> list[PromptRecord]:
-    questions = select_eval_questions(load_split(cfg.data, cfg.data.eval_split), cfg.data,
-                                      cfg.run.seed)
-    pool = shots_by_subject(load_split(cfg.data, cfg.data.shot_split)) if shots else {}
-    return build_prompts(questions, pool, shots, cfg.prompts.seed)
+def prepare_records(cfg: ExperimentConfig, shots: int) -> list[EvalRecord]:
+    """The prompts of one shot count, for the run's task (:mod:`replandscape.evalset`)."""
+    return eval_records(cfg, shots)
 
 
 def mpio_comm(cfg: ExperimentConfig, info: torchdist.RankInfo) -> Any:
@@ -441,37 +505,60 @@ def mpio_comm(cfg: ExperimentConfig, info: torchdist.RankInfo) -> Any:
     return comm
 
 
-def existing_output(cfg: ExperimentConfig, condition: Condition) -> Path | None:
+def existing_output(cfg: ExperimentConfig, condition: Condition,
+                    records: Sequence[EvalRecord] | None = None) -> Path | None:
     """The finished file of a condition, if any; one holding another config is refused."""
     final = cfg.output_dir / "activations" / f"{condition.name}.h5"
     if not final.exists():
         return None
     with open_activations(final) as af:
-        if af.attrs.get("stage_hash") != stage_hash(cfg, condition):
+        if af.attrs.get("stage_hash") != stage_hash(cfg, condition, records):
             raise UserError("the output already holds a different config", file=str(final),
                             key="stage_hash", fix="use another run.output_dir or delete the file")
     return final
 
 
+def generated_token_fields(n: int) -> dict[str, Any]:
+    """Row fields holding the generated token ids while ranks write (decoded at the end)."""
+    return {f"gen_token_{j:02d}": np.int32 for j in range(n)}
+
+
 def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: LoadedModel,
-                      records: Sequence[PromptRecord] | None = None) -> Path:
-    """Extract one condition into ``activations/<name>.h5``; resumes a partial run."""
+                      records: Sequence[EvalRecord] | None = None) -> Path:
+    """Extract one condition into ``activations/<name>.h5``; resumes a partial run.
+
+    MMLU prompts are scored from the answer-letter logits of the prompt's forward pass; a
+    generated task's prompts are continued greedily from the same forward pass (its key/value
+    cache) and scored on the text (docs/method.md §7).
+    """
     import torch
+
+    from replandscape.generation import decode_continuations, eos_token_ids, greedy_continue
+    from replandscape.tasks.scoring import score_strict, score_substring
 
     info = torchdist.rank_info() if torchdist.is_distributed() else torchdist.RankInfo(0, 1, 0)
     out_dir = cfg.output_dir / "activations"
     final = out_dir / f"{condition.name}.h5"
-    s_hash = stage_hash(cfg, condition)
-    existing = existing_output(cfg, condition)
-    if existing is not None:
-        return existing
     if records is None:
         records = prepare_records(cfg, condition.shots)
+    s_hash = stage_hash(cfg, condition, records)
+    existing = existing_output(cfg, condition, records)
+    if existing is not None:
+        return existing
+    generated = is_generated(cfg)
+    if generated and cfg.extract.padding_side != "left":
+        raise UserError("generation continues every prompt from its last position: it needs "
+                        "left padding", key="extract.padding_side", fix="set it to left")
     tokenizer = loaded.tokenizer
     tokens = tokenize(tokenizer, [r.prompt for r in records], cfg.prompts.add_bos,
-                      cfg.model.context_length, [r.id for r in records])
+                      cfg.model.context_length, [r.id for r in records], shots=condition.shots,
+                      reserve=max_new_tokens(cfg) if is_generated(cfg) else 0)
     lengths = np.asarray([len(t) for t in tokens], dtype=np.int64)
-    letter_ids = letter_token_ids(tokenizer, cfg.data.num_choices)
+    letter_ids = [] if generated else letter_token_ids(tokenizer, cfg.data.num_choices)
+    n_new = max_new_tokens(cfg) if generated else 0
+    extra_fields = {**generated_token_fields(n_new), "correct_substring": np.bool_} \
+        if generated else {}
+    eos = eos_token_ids(loaded.model, tokenizer) if generated else []
     capture = LastTokenCapture(loaded.model, cfg.extract.sites, cfg.extract.pooling)
     store = _store_dtype(cfg, loaded.dtype)
     head_dim = loaded.model.config.vocab_size
@@ -484,23 +571,26 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     comm = mpio_comm(cfg, info)
     writer: ShardWriter | MpioWriter
     if comm is not None:
-        writer = MpioWriter(final, comm, len(records), specs, s_hash)
+        writer = MpioWriter(final, comm, len(records), specs, s_hash, extra_fields=extra_fields)
         done = writer.done_rows(start, stop)
     else:
-        writer = ShardWriter(final, info.rank, info.world_size, start, stop, specs, s_hash)
+        writer = ShardWriter(final, info.rank, info.world_size, start, stop, specs, s_hash,
+                             extra_fields=extra_fields)
         done = writer.done_mask()
     todo = np.arange(start, stop)[~done]
     batches = plan_batches(todo, lengths, cfg.extract.batch_size, cfg.extract.max_batch_tokens)
     n_batches = len(batches)
-    if loaded.engine is not None or comm is not None:
+    in_step = loaded.engine is not None or comm is not None
+    if in_step:
         # ZeRO-3 gathers parameters and MPI-IO flushes collectively: every rank runs the
-        # same number of steps
+        # same number of steps (and, generating, the same number of decoding steps)
         n_batches = max(torchdist.all_gather_object(len(batches)))
     pad_id = tokenizer.pad_token_id
     letters = torch.as_tensor(letter_ids, device=loaded.device)
     progress = make_progress(n_batches, f"extract {condition.name}", show=info.is_main,
                              unit="batch")
     answers = np.asarray([r.answer for r in records], dtype=np.int64)
+    targets = [r.target for r in records]
     batch_lines = os.environ.get("REPLANDSCAPE_BATCH_LINES") == "1"
     try:
         with capture, torch.inference_mode():
@@ -508,18 +598,44 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 rows = batches[b] if b < len(batches) else None
                 seqs = [tokens[i] for i in rows] if rows is not None else [tokens[0][:1]]
                 ids, mask = collate(seqs, pad_id, cfg.extract.padding_side)
-                out, logits = capture.run(ids.to(loaded.device), mask.to(loaded.device))
+                ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+                out, logits, past = capture.run_with_cache(ids, mask, use_cache=generated)
+                new_ids = None
+                if generated:
+                    capture.enabled = False  # the decoding steps are not sites of the prompt
+                    try:
+                        new_ids = greedy_continue(
+                            capture.root, ids, mask, n_new, pad_token_id=pad_id,
+                            eos_token_id=eos, stop_in_step=in_step, first_logits=logits,
+                            past=past)
+                    finally:
+                        capture.enabled = True
                 progress.update(1)
                 if rows is None:
                     if comm is not None:
                         writer.write(np.zeros(0, dtype=np.int64), {}, {})  # the collective flush
                     continue
-                predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
                 site_values = {n: encode_rows(out[n].detach().cpu(), store) for n in capture.names}
-                writer.write(rows, site_values, {
+                row_values: dict[str, Any] = {
                     "question_id": np.asarray([records[i].id for i in rows]),
-                    "answer": answers[rows], "predicted": predicted,
-                    "correct": predicted == answers[rows], "n_tokens": lengths[rows]})
+                    "answer": answers[rows], "n_tokens": lengths[rows]}
+                if new_ids is not None:
+                    texts = decode_continuations(tokenizer, new_ids, eos)
+                    strict = np.asarray([score_strict(t, targets[i]) for t, i in zip(texts, rows)])
+                    loose = np.asarray([score_substring(t, targets[i])
+                                        for t, i in zip(texts, rows)])
+                    row_values.update(
+                        predicted=np.full(len(rows), -1),
+                        correct=strict if cfg.task.scoring == "strict" else loose,
+                        correct_substring=loose)
+                    new_np = new_ids.cpu().numpy()
+                    for j in range(n_new):
+                        row_values[f"gen_token_{j:02d}"] = (new_np[:, j] if j < new_np.shape[1]
+                                                            else np.full(len(rows), pad_id))
+                else:
+                    predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
+                    row_values.update(predicted=predicted, correct=predicted == answers[rows])
+                writer.write(rows, site_values, row_values)
                 if batch_lines:
                     print(f"[extract] rank {info.rank} wrote batch {b + 1}/{len(batches)} "
                           f"({condition.name})", file=sys.stderr, flush=True)
@@ -531,10 +647,12 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
         header = {
             "site_names": capture.names, "model_name": cfg.model.name,
             "model_path": cfg.model.path, "model_revision": cfg.model.revision or "",
+            "task": cfg.task.name, "label_columns": list(label_columns(cfg)),
             "condition": condition.name, "shots": condition.shots,
-            "checkpoint": condition.adapter or "", "checkpoint_step": (
+            "checkpoint": condition.adapter or condition.model_path or "", "checkpoint_step": (
                 -1 if condition.checkpoint_step is None else condition.checkpoint_step),
-            "finetuned": condition.adapter is not None,
+            "examples_seen": -1 if condition.examples_seen is None else condition.examples_seen,
+            "finetuned": condition.finetuned, "method": condition.method,
             "config": cfg.to_yaml(), "config_hash": cfg.hash, "stage_hash": s_hash,
             "code_version": code_version(), "pooling": cfg.extract.pooling,
             "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
@@ -543,20 +661,46 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
             "world_size": info.world_size, "adapter_mode": (
                 cfg.extract.adapter if condition.adapter is not None else ""),
         }
+        if generated:
+            header.update(scoring=cfg.task.scoring, max_new_tokens=n_new,
+                          generation="greedy, KV cache, left padding")
         if condition.name == "ft-final":
             # what the fine-tuning stage scored on the same questions: a later reader (status,
             # the report) can tell whether the extracted model is the one that was evaluated
             reference = finetune_test_accuracy(cfg)
             header["finetune_test_accuracy"] = -1.0 if reference is None else reference
-        subjects, prompts = [r.subject for r in records], [r.prompt for r in records]
+        groups, prompts = [r.group for r in records], [r.prompt for r in records]
+        derive = _decoded_rows(records, tokenizer, n_new, eos) if generated else None
         if comm is not None:
-            finalize_mpio(final, specs, header, subjects, prompts)
+            finalize_mpio(final, specs, header, groups, prompts, extra_fields=extra_fields,
+                          derive=derive)
         else:
-            finalize_shards(final, info.world_size, specs, header, subjects, prompts)
+            finalize_shards(final, info.world_size, specs, header, groups, prompts,
+                            extra_fields=extra_fields, derive=derive)
     torchdist.barrier()
     return final
 
 
+def _decoded_rows(records: Sequence[EvalRecord], tokenizer: Any, n_new: int,
+                  eos: Sequence[int]) -> Any:
+    """Finalisation of a generated task: the continuations as text, the target and label
+    columns, and the substring-rule accuracy beside the strict one."""
+
+    def derive(numeric: Mapping[str, np.ndarray]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+        import torch
+
+        from replandscape.generation import decode_continuations
+
+        new_ids = np.stack([numeric[f"gen_token_{j:02d}"] for j in range(n_new)], axis=1) \
+            if n_new else np.zeros((len(records), 0), dtype=np.int64)
+        texts = decode_continuations(tokenizer, torch.as_tensor(new_ids, dtype=torch.long), eos)
+        groups = [r.group for r in records]
+        substring = accuracy_summary(groups, np.asarray(numeric["correct_substring"], dtype=bool))
+        strings = {"continuation": texts, "target": [r.target for r in records],
+                   "variant": [r.labels.get("variant", r.group) for r in records]}
+        return strings, {"accuracy_substring": json.dumps(substring)}
+
+    return derive
 
 
 def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
@@ -577,10 +721,14 @@ def _run(cfg: ExperimentConfig, finetuned: bool, device: str,
          info: torchdist.RankInfo) -> ExtractResult:
     conditions = finetuned_conditions(cfg) if finetuned else shot_conditions(cfg)
     result = ExtractResult()
-    todo = [c for c in conditions if existing_output(cfg, c) is None]
     # every condition's prompts are built (and the data checked) before a model is loaded:
-    # a bad data row is reported in seconds, not after loading a 70B model
-    records = {c.name: prepare_records(cfg, c.shots) for c in todo}
+    # a bad data row, or a prompt over the model's context, is reported in seconds, not after
+    # loading a 70B model
+    by_shots = {k: prepare_records(cfg, k) for k in sorted({c.shots for c in conditions})}
+    todo = [c for c in conditions if existing_output(cfg, c, by_shots[c.shots]) is None]
+    records = {c.name: by_shots[c.shots] for c in todo}
+    if todo:
+        check_context(cfg, {c.shots: by_shots[c.shots] for c in todo})
     base: LoadedModel | None = None
     t0 = time.perf_counter()
     for cond in conditions:
@@ -589,8 +737,8 @@ def _run(cfg: ExperimentConfig, finetuned: bool, device: str,
             result.skipped.append(cond.name)
         else:
             with condition_lock(cfg, cond, info):
-                if cond.adapter is not None:
-                    loaded = load_for_extraction(cfg, device, cond.adapter)
+                if cond.adapter is not None or cond.model_path is not None:
+                    loaded = load_for_extraction(cfg, device, cond.adapter, cond.model_path)
                 else:
                     base = base or load_for_extraction(cfg, device, None)
                     loaded = base

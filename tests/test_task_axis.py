@@ -1,0 +1,192 @@
+"""The task is an axis (docs/method.md §1, §7): MMLU unchanged by it, generated tasks answered by
+generation through the same extraction, storage, analysis and sweeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import REPO, TINY_MODEL, cli, one_line_error, tiny_config
+from replandscape.config import load_config
+from replandscape.storage import open_activations
+
+REFERENCE = REPO / "tests" / "data" / "mmlu_reference"
+
+
+def task_config(tmp: Path, task: str = "expression", **sections: dict) -> Path:
+    """A tiny config of a generated task, its splits generated into the cache."""
+    base: dict[str, dict] = {
+        "task": {"name": task, "n_test": 16, "n_dev": 8, "n_train": 32},
+        "data": {"source": "builtin:task", "train_splits": ["train"]},
+        "prompts": {"shots": [0, 2], "max_shots": 32},
+        "analysis": {"maxk": 12, "range_max": 8, "id_scale_index": 1, "density_k": 4,
+                     "dendrogram_min_size": 3, "ranks": 1, "per_subject_cap": None},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return tiny_config(tmp, **base)
+
+
+@pytest.mark.slow
+def test_mmlu_extraction_is_unchanged_by_the_task_axis(tmp_path: Path) -> None:
+    """The MMLU prompts, rows and activations equal those the suite wrote before tasks were an
+    axis (stored in tests/data/mmlu_reference, made by the earlier code from config.yaml)."""
+    cfg = yaml.safe_load((REFERENCE / "config.yaml").read_text())
+    cfg["run"]["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = cli("run", "extract", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for shots in (0, 2):
+        ref = np.load(REFERENCE / f"shots{shots}.npz")
+        with open_activations(tmp_path / "out" / "activations" / f"shots{shots}.h5") as af:
+            assert af.attrs["task"] == "mmlu"
+            assert json.loads(af.attrs["label_columns"]) == ["subject", "answer"]
+            assert set(af.row_fields) >= {"question_id", "answer", "predicted", "correct",
+                                          "n_tokens", "subject", "prompt", "prompt_sha256"}
+            assert not {"continuation", "target", "variant"} & set(af.row_fields)
+            assert list(af.rows("prompt")) == list(ref["rows/prompt"])
+            assert list(af.rows("subject")) == list(ref["rows/subject"])
+            for name in ("question_id", "answer", "predicted", "correct", "n_tokens"):
+                np.testing.assert_array_equal(af.rows(name), ref[f"rows/{name}"], err_msg=name)
+            for name in af.site_names:
+                np.testing.assert_allclose(af.site(name), ref[f"sites/{name}"], rtol=1e-6,
+                                           atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_generated_task_is_answered_by_generation_and_analysed(tmp_path: Path) -> None:
+    from replandscape.tasks.scoring import score_strict, score_substring
+
+    cfg = task_config(tmp_path)
+    for stage in ("extract", "analyze"):
+        proc = cli("run", stage, str(cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with open_activations(tmp_path / "out" / "activations" / "shots2.h5") as af:
+        attrs = af.attrs
+        assert attrs["task"] == "expression" and attrs["scoring"] == "strict"
+        assert json.loads(attrs["label_columns"]) == ["target", "variant"]
+        assert af.n_rows == 32  # 16 items of each variant
+        texts, targets = af.rows("continuation"), af.rows("target")
+        strict = [score_strict(t, g) for t, g in zip(texts, targets)]
+        loose = [score_substring(t, g) for t, g in zip(texts, targets)]
+        assert list(af.rows("correct")) == strict
+        assert list(af.rows("correct_substring")) == loose
+        assert sorted(set(af.rows("variant"))) == ["misleading", "pattern"]
+        assert set(af.accuracy["per_subject"]) == {"misleading", "pattern"}
+        sub = json.loads(attrs["accuracy_substring"])
+        assert sub["micro"] == pytest.approx(np.mean(loose))
+        assert "Now you need to calculate" in af.rows("prompt")[0]
+    results = json.loads((tmp_path / "out" / "analysis" / "results.json").read_text())
+    assert results["schema_version"] == 2
+    run = results["runs"]["tiny/expression/shots2"]
+    assert run["task"] == "expression" and run["shots"] == 2 and not run["finetuned"]
+    assert run["label_columns"] == ["target", "variant"]
+    assert run["accuracy"]["scoring"] == "strict" and "substring" in run["accuracy"]
+    measured = [r for r in results["rows"] if r["run"] == "tiny/expression/shots2"
+                and not r.get("skipped")]
+    assert measured and all(set(r["ari"]) == {"target", "variant"} for r in measured)
+
+
+def test_every_prompt_field_changes_the_extraction_identity(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from replandscape.stages.extract import Condition, stage_hash
+    from replandscape.tasks import get_task, registry
+
+    cond = Condition("shots2", 2)
+    base = load_config(task_config(tmp_path))
+    reference = stage_hash(base, cond)
+    changed = {
+        "prompts.seed": dataclasses.replace(base, prompts=dataclasses.replace(base.prompts,
+                                                                                seed=7)),
+        "prompts.add_bos": dataclasses.replace(base, prompts=dataclasses.replace(
+            base.prompts, add_bos=False)),
+        "task.variants": dataclasses.replace(base, task=dataclasses.replace(
+            base.task, variants=("pattern",))),
+        "task.n_dev": dataclasses.replace(base, task=dataclasses.replace(base.task, n_dev=9)),
+        "task.scoring": dataclasses.replace(base, task=dataclasses.replace(
+            base.task, scoring="substring")),
+        "data.limit": dataclasses.replace(base, data=dataclasses.replace(base.data, limit=5)),
+        "extract.pooling": dataclasses.replace(base, extract=dataclasses.replace(
+            base.extract, pooling="mean")),
+    }
+    for what, cfg in changed.items():
+        assert stage_hash(cfg, cond) != reference, what
+    # the template itself (code, not config): another header gives other prompts
+    spec = get_task("expression")
+    monkeypatch.setitem(registry.TASKS, "expression", dataclasses.replace(
+        spec, header=spec.header + "Answer with a number.\n"))
+    assert stage_hash(base, cond) != reference
+    # what does not change the rows does not change the identity
+    same = dataclasses.replace(base, extract=dataclasses.replace(base.extract, batch_size=3))
+    monkeypatch.undo()
+    assert stage_hash(same, cond) == reference
+
+
+@pytest.mark.slow
+def test_a_changed_prompt_field_is_never_read_as_the_old_output(tmp_path: Path) -> None:
+    cfg = task_config(tmp_path, prompts={"shots": [2]})
+    assert cli("run", "extract", str(cfg)).returncode == 0
+    line = one_line_error(cli("run", "extract", str(cfg), "prompts.seed=7"))
+    assert "different config" in line and "shots2.h5" in line
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = task_config(tmp_path, model={**TINY_MODEL, "context_length": 120},
+                      prompts={"shots": [0, 8]})
+    line = one_line_error(cli("run", "extract", str(cfg)))
+    assert "at 8 shots" in line and "context of 120" in line and "prompts.shots" in line
+    assert not list((tmp_path / "out").glob("activations/*.h5"))
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [("task.name=arithmetic", "unknown task 'arithmetic'"),
+     ("task.variants=[pattern,pattern]", "task.variants"),
+     ("prompts.shots=[0,20]", "pool of expression/pattern holds 8 items")],
+)
+def test_bad_task_settings_are_one_line(tmp_path: Path, override: str, words: str) -> None:
+    line = one_line_error(cli("validate", str(task_config(tmp_path)), "-o", override))
+    assert words in line
+
+
+def test_sweep_expands_experiments_over_tasks(tmp_path: Path) -> None:
+    from replandscape.sweep import load_sweep, plan_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {
+        "name": "imp", "output_root": str(tmp_path / "root"),
+        "experiments": [str(task_config(tmp_path))], "tasks": ["expression", "parity"],
+        "finetune": False}}))
+    loaded = load_sweep(sweep, ["cluster=local-slurm"])
+    assert [e.cfg.task.name for e in loaded.experiments] == ["expression", "parity"]
+    assert [e.cfg.run.name for e in loaded.experiments] == ["t-expression", "t-parity"]
+    keys = [j.key for j in plan_sweep(loaded)]
+    assert keys == ["t-expression/extract", "t-expression/analyze", "t-parity/extract",
+                    "t-parity/analyze", "imp/figures"]
+    implicit = load_sweep(REPO / "configs" / "sweeps" / "implicit.yaml", ["cluster=example-gpu"])
+    combos = {(e.cfg.model.name, e.cfg.task.name) for e in implicit.experiments}
+    assert len(combos) == 5 * 6
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_task_sweep_runs_on_the_local_slurm_cluster(slurm_cluster: object, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {
+        "name": "imp", "output_root": str(tmp_path / "root"),
+        "experiments": [str(task_config(tmp_path))], "tasks": ["expression", "boolean"],
+        "shots": [0, 2], "finetune": False}}))
+    proc = cli("submit", str(sweep), "cluster=local-slurm", "--wait", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "root"
+    for task in ("expression", "boolean"):
+        results = json.loads((root / f"t-{task}" / "analysis" / "results.json").read_text())
+        assert set(results["runs"]) == {f"tiny/{task}/shots0", f"tiny/{task}/shots2"}
+    assert (root / "figures" / "icl_vs_ft.md").is_file()
