@@ -83,7 +83,9 @@ def _executor(job: JobSpec, folder: Path, dependency: str | None) -> Any:
     if dependency:
         params["dependency"] = dependency
     if job.stage == "analyze" and c.get("mpi") in ("pmix", "pmi2"):
-        params["srun_args"] = [f"--mpi={c['mpi']}"]
+        # since Slurm 22.05 srun no longer inherits --cpus-per-task from the allocation: without
+        # it a cluster that binds tasks to CPUs gives each analysis rank one CPU
+        params["srun_args"] = [f"--mpi={c['mpi']}", f"--cpus-per-task={job.cpus_per_task}"]
     ex.update_parameters(**params)
     return ex
 
