@@ -1,7 +1,7 @@
 """Training throughput of the fine-tuning stage's DeepSpeed path against plain PEFT + transformers.
 
 Both loops train the same random Llama (builtin:tiny-llama of the given shape) with the same LoRA
-(METHOD.md: rank 64, alpha 16, dropout 0.1, all projections), the same micro-batches (the stage's
+(docs/method.md §4.1: rank 64, alpha 16, dropout 0.1, all projections), the same micro-batches (the stage's
 own data order), the same answer-token loss, torch AdamW, gradient clipping and the warm-up +
 cosine schedule; one CPU process. Only optimiser steps are timed (no evaluation, no checkpoints);
 the first ``--warmup`` steps of each loop are not counted, and the loops take turns in\n``--rounds`` rounds so that the machine's load hits them alike.

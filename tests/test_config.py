@@ -131,7 +131,7 @@ def test_unknown_top_level_section_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_analysis_defaults_agree_with_the_metrics_defaults() -> None:
-    """The config and the pure metrics both carry METHOD.md's values; they must not drift."""
+    """The config and the pure metrics both carry docs/method.md §5 values; they must not drift."""
     from replandscape.config import AnalysisConfig
     from replandscape.metrics.geometry import GeometryParams
 

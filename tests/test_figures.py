@@ -61,7 +61,7 @@ def make_dendrogram(rng: np.random.Generator, n_peaks: int = 5) -> dict:
 
 def make_results(params: dict | None = None, models: tuple[str, ...] = MODELS,
                  seed: int = 0) -> Results:
-    """Two models x five conditions x ten sites, with the shapes of METHOD.md section 4."""
+    """Two models x five conditions x ten sites, with the shapes of docs/method.md §5."""
     rng = np.random.default_rng(seed)
     runs, rows = {}, []
     for mi, model in enumerate(models):

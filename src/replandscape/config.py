@@ -90,7 +90,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Few-shot prompt construction (METHOD.md section 1)."""
+    """Few-shot prompt construction (docs/method.md §2)."""
 
     shots: tuple[int, ...] = (0, 1, 2, 5)
     seed: int = 42
@@ -126,7 +126,7 @@ SiteKind = Literal["input_layernorm", "post_attention_layernorm", "residual", "b
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Extraction of last-token representations (METHOD.md section 2)."""
+    """Extraction of last-token representations (docs/method.md §3)."""
 
     sites: tuple[SiteKind, ...] = ("input_layernorm", "norm", "logits")
     pooling: Literal["last", "mean"] = "last"
@@ -196,7 +196,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """Geometry analysis parameters (METHOD.md section 4)."""
+    """Geometry analysis parameters (docs/method.md §5)."""
 
     maxk: int = 1000
     range_max: int = 100

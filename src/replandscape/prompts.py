@@ -1,4 +1,4 @@
-"""Few-shot prompts in the exact format of the reference method (METHOD.md section 1).
+"""Few-shot prompts in the exact format of the reference method (docs/method.md §2).
 
 A k-shot prompt is the subject header, k solved examples (the first k shot-split questions of the
 same subject, in an order drawn from the seed and the query's id alone, so any number of ranks or
@@ -67,7 +67,7 @@ def build_prompt(q: Question, pool: Mapping[str, Sequence[Question]], k: int, se
 
 
 def training_text(q: Question) -> tuple[str, str]:
-    """Fine-tuning sample (METHOD.md section 3): the bare question block and the answer suffix."""
+    """Fine-tuning sample (docs/method.md §4): the bare question block and the answer suffix."""
     return question_block(q), answer_suffix(LETTERS[q.answer])
 
 

@@ -1,4 +1,4 @@
-"""Offline figures of the analysis results (METHOD.md section 5).
+"""Offline figures of the analysis results (docs/method.md §6).
 
 Reads only ``analysis/results.json`` through :mod:`replandscape.results` and needs matplotlib,
 numpy and scipy: it imports neither torch nor mpi4py, so figures can be made on a laptop.

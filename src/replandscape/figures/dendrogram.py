@@ -1,5 +1,5 @@
 """Dendrogram of the density peaks at the site where ARI with the run's first label column (subjects
-for MMLU, targets for a generated task) is highest (METHOD.md s. 4-5).
+for MMLU, targets for a generated task) is highest (docs/method.md §5-6).
 
 The analysis stage stores, for some sites, the linkage of the peaks (``scipy`` ``method="weighted"``
 on max log-density minus saddle log-density) and one label per peak; this module only draws it.

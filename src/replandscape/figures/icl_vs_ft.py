@@ -1,4 +1,4 @@
-"""In-context learning against fine-tuning on the generated tasks (METHOD.md sections 6-7).
+"""In-context learning against fine-tuning on the generated tasks (docs/method.md §7).
 
 For each model, one page of two panels sharing the accuracy axis:
 

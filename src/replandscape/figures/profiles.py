@@ -1,4 +1,4 @@
-"""Geometry along depth: profiles of one model, and ARI of every model (METHOD.md section 5)."""
+"""Geometry along depth: profiles of one model, and ARI of every model (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Accuracy tables, model x condition for each task, as Markdown and LaTeX (METHOD.md section 5).
+"""Accuracy tables, model x condition for each task, as Markdown and LaTeX (docs/method.md §6).
 
 Accuracies use the strict rule (:func:`~replandscape.figures.data.accuracy_value`); macro
 accuracy is the mean over the groups the results store (MMLU's subjects, a generated task's
