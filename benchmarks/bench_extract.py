@@ -41,7 +41,7 @@ def measure(method: str, layers: int, hidden: int, inter: int, vocab: int, batch
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from replandscape.stages.extract import LastTokenCapture
+    from replandscape.capture import LastTokenCapture
 
     torch.manual_seed(0)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

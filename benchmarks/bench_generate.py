@@ -106,9 +106,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from replandscape.capture import collate
     from replandscape.generation import eos_token_ids, greedy_continue
     from replandscape.models import build_tokenizer
-    from replandscape.stages.extract import collate
 
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_generate.py",
                                                  *sys.argv[1:]])

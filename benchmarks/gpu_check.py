@@ -268,7 +268,7 @@ def relative_difference(a: Any, b: Any) -> float:
 def check_padding(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from replandscape.stages.extract import LastTokenCapture, collate
+    from replandscape.capture import LastTokenCapture, collate
 
     shape, _ = llama3_8b_shape(ctx.smoke)
     device = ctx.device
@@ -459,8 +459,8 @@ def check_neighbours(ctx: Context) -> dict[str, Any]:
 def check_extract_speed(ctx: Context) -> dict[str, Any]:
     import torch
 
+    from replandscape.capture import LastTokenCapture
     from replandscape.config import ExtractConfig
-    from replandscape.stages.extract import LastTokenCapture
 
     device = ctx.device
     dtype = torch.float32 if ctx.smoke else torch.bfloat16

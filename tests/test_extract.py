@@ -14,15 +14,11 @@ import pytest
 import torch
 
 from helpers import PYTHON, REPO, TINY_MODEL, cli, env, launch_ranks, one_line_error, tiny_config
+from replandscape.capture import LastTokenCapture, collate, plan_batches
 from replandscape.config import ModelConfig, load_config
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
 from replandscape.prompts import letter_token_ids
-from replandscape.stages.extract import (
-    LastTokenCapture,
-    collate,
-    plan_batches,
-    prepare_records,
-)
+from replandscape.stages.extract import prepare_records
 from replandscape.storage import open_activations, shard_path, split_rows
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import PYTHON, REPO, TINY_MODEL, env
+from replandscape.capture import collate
 from replandscape.config import ModelConfig
 from replandscape.generation import (
     decode_continuations,
@@ -20,7 +21,6 @@ from replandscape.generation import (
     prompt_position_ids,
 )
 from replandscape.models import TINY_FAMILIES, load_causal_lm, load_tokenizer, resolve_model_path
-from replandscape.stages.extract import collate
 from replandscape.tasks import build_task_prompt, generate_task_splits, get_task, shot_pool
 
 TASK = "expression"

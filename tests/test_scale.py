@@ -72,7 +72,7 @@ def _logits(model: object, ids: torch.Tensor) -> torch.Tensor:
 def test_merged_in_float32_equals_unmerged(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from replandscape.stages.extract import apply_adapter
+    from replandscape.loading import apply_adapter
 
     base, adapter = _tiny_model_and_adapter(tmp_path, 0.05)
     ids = torch.randint(3, 500, (2, 24))
@@ -93,7 +93,7 @@ def test_bfloat16_merge_adds_in_float32_then_casts_once(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from replandscape.adapters import read_lora
-    from replandscape.stages.extract import apply_adapter
+    from replandscape.loading import apply_adapter
 
     base, adapter = _tiny_model_and_adapter(tmp_path, 0.01)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
@@ -144,7 +144,8 @@ ZERO3_HOOKS = r"""
 import sys, torch
 from replandscape.config import load_config
 from replandscape.dist import torchdist
-from replandscape.stages.extract import LastTokenCapture, collate, load_for_extraction
+from replandscape.capture import LastTokenCapture, collate
+from replandscape.loading import load_for_extraction
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 cfg = load_config(sys.argv[1])

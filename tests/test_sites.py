@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from helpers import REPO, TINY_MODEL
+from replandscape.capture import collate, decoder_parts
 from replandscape.config import ModelConfig
 from replandscape.errors import UserError
 from replandscape.models import TINY_FAMILIES, load_causal_lm, load_tokenizer, resolve_model_path
@@ -24,7 +25,6 @@ from replandscape.sites import (
     resolve_sites,
     site_modules,
 )
-from replandscape.stages.extract import collate, decoder_parts
 
 BUILTINS = sorted(TINY_FAMILIES)
 TEXTS = ["The following are multiple choice questions about law.\n\nA short one\nAnswer:",

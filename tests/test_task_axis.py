@@ -96,7 +96,8 @@ def test_generated_task_is_answered_by_generation_and_analysed(tmp_path: Path) -
 def test_every_prompt_field_changes_the_extraction_identity(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    from replandscape.stages.extract import Condition, stage_hash
+    from replandscape.conditions import Condition
+    from replandscape.stages.extract import stage_hash
     from replandscape.tasks import get_task, registry
 
     cond = Condition("shots2", 2)

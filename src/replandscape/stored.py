@@ -10,12 +10,14 @@ safetensors, so opening an output folder never runs code found in it.
 
 Kinds:
 
-* ``finetune/checkpoints.json``: the index of saved LoRA adapters (:func:`read_checkpoint_index`).
+* ``finetune/checkpoints.json``: the index of saved checkpoints, LoRA adapters or whole models
+  (:func:`read_checkpoint_index`).
 * ``finetune/result.json``: the fine-tuning result (:func:`read_finetune_result`).
 * ``finetune/ds/resume.json``: the pointer to the DeepSpeed resume checkpoint
   (:func:`read_resume_record`).
 * ``finetune/train_log.jsonl``: one JSON object per optimiser step (:func:`read_train_log`).
-* ``adapter-*/adapter_model.safetensors``: checked whole before a load (:func:`check_adapter_dir`).
+* ``adapter-*/adapter_model.safetensors``: checked whole before a load (:func:`check_adapter_dir`);
+  ``checkpoint-*/`` (full fine-tuning) likewise (:func:`check_model_dir`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "CheckpointIndex",
     "ResumeRecord",
     "check_adapter_dir",
+    "check_model_dir",
     "check_safetensors",
     "read_checkpoint_index",
     "read_finetune_result",
@@ -53,6 +56,9 @@ FIX_RESUME = "delete the finetune/ds folder: the run then starts over from step 
 INDEX_SCHEMA: Schema = {"adapters": list}
 INDEX_OPTIONAL: Schema = {"config_hash": str, "stage_hash": str, "total_steps": int}
 ADAPTER_SCHEMA: Schema = {"name": str, "step": int, "path": str}
+# an entry without kind is a LoRA adapter (indexes written before full fine-tuning existed)
+ADAPTER_OPTIONAL: Schema = {"kind": str, "examples_seen": (int, _NONE)}
+CHECKPOINT_KINDS = ("lora", "full")
 RESULT_SCHEMA: Schema = {
     "output_dir": str, "adapter_dir": str, "config_hash": str,
     "total_steps": int, "train_samples": int, "train_subjects": int, "effective_batch": int,
@@ -61,18 +67,26 @@ RESULT_SCHEMA: Schema = {
     "test_accuracy": (float, _NONE), "test_questions": int, "test_per_subject": dict,
     "checkpoints": list}
 # written by every run since they were introduced; a result without them is simply not reused
-RESULT_OPTIONAL: Schema = {"resumed_from_step": (int, _NONE), "stage_hash": str}
+RESULT_OPTIONAL: Schema = {"resumed_from_step": (int, _NONE), "stage_hash": str,
+                           "method": str, "loss": str, "train_tasks": list,
+                           "task_accuracy": (dict, _NONE), "task_history": list}
+TASK_SCORE_SCHEMA: Schema = {"strict": float, "substring": float, "n": int}
 RESUME_SCHEMA: Schema = {"tag": str, "step": int, "stage_hash": str, "world_size": int}
 LOG_SCHEMA: Schema = {"step": int}
 
 
 @dataclass(frozen=True)
 class AdapterCheckpoint:
-    """One saved LoRA adapter: its folder name, the optimiser step it holds, where it was saved."""
+    """One saved checkpoint: its folder name, the optimiser step it holds, where it was saved,
+    its kind (``lora``: a PEFT adapter folder; ``full``: a whole model saved with
+    ``save_pretrained``, loadable as a model path) and the training examples seen by then
+    (step x effective batch; None in indexes written before it was recorded)."""
 
     name: str
     step: int
     path: str
+    kind: str = "lora"
+    examples_seen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,18 @@ def _load_json(path: Path, what: str, fix: str) -> Any:
                         f"{exc.colno})", file=str(path), fix=fix) from None
 
 
+def _checkpoint_entry(entry: Any, path: Path, what: str, where: str) -> AdapterCheckpoint:
+    row = check_schema(entry, ADAPTER_SCHEMA, path, what, FIX_FINETUNE, where,
+                       optional=ADAPTER_OPTIONAL)
+    kind = row.get("kind", "lora")
+    if kind not in CHECKPOINT_KINDS:
+        raise UserError(f"is {json.dumps(kind)[:40]} in {what}, expected one of "
+                        f"{', '.join(CHECKPOINT_KINDS)}", file=str(path), key=f"{where}.kind",
+                        fix=FIX_FINETUNE)
+    return AdapterCheckpoint(name=row["name"], step=row["step"], path=row["path"], kind=kind,
+                             examples_seen=row.get("examples_seen"))
+
+
 def read_checkpoint_index(path: str | Path) -> CheckpointIndex:
     """Read ``finetune/checkpoints.json`` (the adapter index that extraction of fine-tuned
     conditions and ``ls`` read).
@@ -157,10 +183,8 @@ def read_checkpoint_index(path: str | Path) -> CheckpointIndex:
     what = "the fine-tuning checkpoint index"
     data = check_schema(_load_json(path, what, FIX_FINETUNE), INDEX_SCHEMA, path, what,
                         FIX_FINETUNE, optional=INDEX_OPTIONAL)
-    adapters = []
-    for i, entry in enumerate(data["adapters"]):
-        row = check_schema(entry, ADAPTER_SCHEMA, path, what, FIX_FINETUNE, f"adapters[{i}]")
-        adapters.append(AdapterCheckpoint(name=row["name"], step=row["step"], path=row["path"]))
+    adapters = [_checkpoint_entry(entry, path, what, f"adapters[{i}]")
+                for i, entry in enumerate(data["adapters"])]
     return CheckpointIndex(config_hash=data.get("config_hash", ""),
                            stage_hash=data.get("stage_hash", ""),
                            total_steps=data.get("total_steps", 0), adapters=tuple(adapters))
@@ -184,12 +208,29 @@ def read_finetune_result(path: str | Path) -> dict[str, Any]:
                             file=str(path), key=f"val_history[{i}]",
                             fix=FIX_FINETUNE)
     for i, entry in enumerate(data["checkpoints"]):
-        check_schema(entry, ADAPTER_SCHEMA, path, what, FIX_FINETUNE, f"checkpoints[{i}]")
+        _checkpoint_entry(entry, path, what, f"checkpoints[{i}]")
     for subject, acc in data["test_per_subject"].items():
         if not _is(acc, float):
             raise UserError(f"is not a number in {what}",
                             file=str(path), key=f"test_per_subject.{subject}", fix=FIX_FINETUNE)
+    if data.get("task_accuracy") is not None:
+        _check_task_accuracy(data["task_accuracy"], path, what, "task_accuracy")
+    for i, item in enumerate(data.get("task_history", [])):
+        where = f"task_history[{i}]"
+        check_schema(item, {"step": int, "task_accuracy": dict}, path, what, FIX_FINETUNE, where)
+        _check_task_accuracy(item["task_accuracy"], path, what, f"{where}.task_accuracy")
     return data
+
+
+def _check_task_accuracy(data: dict[str, Any], path: Path, what: str, where: str) -> None:
+    """``{task: {variant: {"strict": acc, "substring": acc, "n": n}}}``."""
+    for task, variants in data.items():
+        if not isinstance(variants, dict):
+            raise UserError(f"is {json.dumps(variants)[:40]} in {what}, expected an object of "
+                            "variants", file=str(path), key=f"{where}.{task}", fix=FIX_FINETUNE)
+        for variant, scores in variants.items():
+            check_schema(scores, TASK_SCORE_SCHEMA, path, what, FIX_FINETUNE,
+                         f"{where}.{task}.{variant}")
 
 
 def read_resume_record(path: str | Path) -> ResumeRecord:
@@ -297,4 +338,34 @@ def check_adapter_dir(folder: str | Path, fix: str = FIX_FINETUNE) -> Path:
     if not isinstance(data, dict):
         raise UserError("the adapter config is not a JSON object", file=str(config), fix=fix)
     check_safetensors(folder / "adapter_model.safetensors", fix)
+    return folder
+
+
+def check_model_dir(folder: str | Path, fix: str = FIX_FINETUNE) -> Path:
+    """Check a whole-model checkpoint folder (full fine-tuning) before it is loaded:
+    ``config.json`` is a JSON object and every safetensors file of the weights is whole (one
+    ``model.safetensors``, or the shards a ``model.safetensors.index.json`` lists). Returns the
+    folder.
+
+    Raises:
+        UserError: The config, the index or a weights file is missing or damaged.
+    """
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError("not a model checkpoint folder (no config.json)", file=str(folder),
+                        fix=fix)
+    if not isinstance(_load_json(config, "the model config", fix), dict):
+        raise UserError("the model config is not a JSON object", file=str(config), fix=fix)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = _load_json(index, "the weights index", fix)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise UserError("the weights index has no valid weight_map", file=str(index), fix=fix)
+        for shard in sorted(set(weight_map.values())):
+            check_safetensors(folder / shard, fix)
+    else:
+        check_safetensors(folder / "model.safetensors", fix)
     return folder

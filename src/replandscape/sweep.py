@@ -266,12 +266,16 @@ def lora_params(cfg: ExperimentConfig) -> float:
 def gpu_memory_gb(cfg: ExperimentConfig, stage: str, gpus: int) -> tuple[float, bool]:
     """(estimated GB on each GPU, whether the weights are partitioned) for ``stage`` on ``gpus``
     GPUs: weights (partitioned under ZeRO-3 with more than one GPU), plus for fine-tuning the
-    LoRA weights and optimiser states, times the stage's overhead factor."""
+    trained weights' optimiser states (LoRA's, or every weight's for ``finetune.method: full``),
+    times the stage's overhead factor."""
     m = cfg.model
     weights = m.n_params_b * BYTES_PER_PARAM[m.dtype]  # GB
     if stage == "finetune":
         sharded = cfg.finetune.zero_stage == 3 and gpus > 1
-        states = lora_params(cfg) * LORA_STATE_BYTES / 1e9
+        # full fine-tuning keeps a gradient and AdamW's float32 master copy and two moments of
+        # every weight (16 bytes each beside the weights); LoRA only of its adapters
+        trained = m.n_params_b * 1e9 if cfg.finetune.method == "full" else lora_params(cfg)
+        states = trained * LORA_STATE_BYTES / 1e9
         state_shards = gpus if cfg.finetune.zero_stage >= 2 and gpus > 1 else 1
         per_gpu = weights / (gpus if sharded else 1) + states / state_shards
         return per_gpu * FINETUNE_OVERHEAD, sharded
@@ -341,7 +345,7 @@ def check_resources(job: JobSpec, cfg: ExperimentConfig, where: str) -> None:
 
 def plan_sweep(sweep: Sweep) -> list[JobSpec]:
     """Every job of the sweep, in submission order, with dependencies by key."""
-    from replandscape.stages.extract import shot_conditions
+    from replandscape.conditions import shot_conditions
 
     jobs: list[JobSpec] = []
     analyses: list[str] = []

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from replandscape import __version__
+from replandscape.capture import (
+    LastTokenCapture,
+    collate,
+    plan_batches,
+    tokenize,
+)
+from replandscape.conditions import (
+    Condition,
+    code_version,
+    finetune_test_accuracy,
+    finetuned_conditions,
+    shot_conditions,
+)
 from replandscape.config import ExperimentConfig
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
@@ -40,6 +51,10 @@ from replandscape.evalset import (
     label_columns,
     max_new_tokens,
     records_digest,
+)
+from replandscape.loading import (
+    LoadedModel,
+    load_for_extraction,
 )
 from replandscape.outputs import ensure_dir
 from replandscape.progress import progress as make_progress
@@ -58,80 +73,11 @@ from replandscape.storage import (
 )
 
 
-@dataclass(frozen=True)
-class Condition:
-    """What the model is and what it is shown: k shots, or a fine-tuned checkpoint at 0 shots."""
-
-    name: str
-    shots: int
-    adapter: str | None = None
-    checkpoint_step: int | None = None
-    # fine-tuned conditions: "lora" or "full" (empty for the base model) and the training
-    # examples seen at the checkpoint; stored as attributes, never parsed from the name
-    method: str = ""
-    examples_seen: int | None = None
-    # a fully fine-tuned checkpoint: a save_pretrained folder that replaces the base model
-    model_path: str | None = None
-
-    @property
-    def finetuned(self) -> bool:
-        return bool(self.method) or self.adapter is not None or self.model_path is not None
-
-
 @dataclass
 class ExtractResult:
     files: dict[str, Path] = field(default_factory=dict)
     accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-
-
-def code_version() -> str:
-    """The checkout's git description, else the package version."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return f"{__version__}+{out.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__
-
-
-def shot_conditions(cfg: ExperimentConfig) -> list[Condition]:
-    return [Condition(name=f"shots{k}", shots=k) for k in cfg.prompts.shots]
-
-
-def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
-    """The saved adapters of the finetune stage (final, or all log-spaced ones)."""
-    from replandscape.stored import read_checkpoint_index
-
-    folder = cfg.output_dir / "finetune"
-    index = folder / "checkpoints.json"
-    if not index.is_file():
-        raise UserError("no fine-tuned checkpoints", file=str(index),
-                        fix="run the finetune stage first (replandscape run finetune CONFIG)")
-    conds = []
-    for entry in read_checkpoint_index(index).adapters:
-        path = folder / entry.name  # adapters live beside the index, wherever it was moved
-        final = entry.name == "adapter-final"
-        if cfg.extract.checkpoints == "final" and not final:
-            continue
-        name = "ft-final" if final else f"ft-step{entry.step:06d}"
-        kind = str(getattr(entry, "kind", "lora") or "lora")
-        seen = getattr(entry, "examples_seen", None)
-        seen = entry.step * cfg.finetune.effective_batch if seen is None else int(seen)
-        if kind == "full":
-            conds.append(Condition(name=name, shots=0, model_path=str(path),
-                                   checkpoint_step=entry.step, method="full",
-                                   examples_seen=seen))
-        else:
-            conds.append(Condition(name=name, shots=0, adapter=str(path),
-                                   checkpoint_step=entry.step, method="lora", examples_seen=seen))
-    if not conds:
-        raise UserError("no usable fine-tuned checkpoint listed", file=str(index),
-                        fix="re-run the finetune stage")
-    return conds
 
 
 def check_context(cfg: ExperimentConfig, records: Mapping[int, Sequence[EvalRecord]]) -> None:
@@ -146,231 +92,8 @@ def check_context(cfg: ExperimentConfig, records: Mapping[int, Sequence[EvalReco
                  cfg.model.context_length, [r.id for r in recs], shots=shots, reserve=reserve)
 
 
-def finetune_test_accuracy(cfg: ExperimentConfig) -> float | None:
-    """The test accuracy the fine-tuning stage measured on its final adapter (None when the
-    stage has not finished or did not score a test split)."""
-    from replandscape.stored import read_finetune_result
-
-    path = cfg.output_dir / "finetune" / "result.json"
-    if not path.is_file():
-        return None
-    value = read_finetune_result(path).get("test_accuracy")
-    return None if value is None else float(value)
-
-
 # --------------------------------------------------------------------------------------------
 # sites and hooks
-# --------------------------------------------------------------------------------------------
-
-
-def decoder_parts(model: Any) -> tuple[Any, Sequence[Any], Any, Any]:
-    """(decoder, blocks, final norm, output head) of a causal LM of a supported family."""
-    from replandscape.sites import resolve_sites
-
-    found = resolve_sites(model)
-    return found.decoder, found.blocks, found.final_norm, found.head
-
-
-def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
-    width = max(2, len(str(n_blocks - 1)))
-    names = []
-    for kind in kinds:
-        if kind in ("norm", "logits"):
-            names.append(kind)
-        else:
-            names.extend(f"{kind}.{i:0{width}d}" for i in range(n_blocks))
-    return names
-
-
-class LastTokenCapture:
-    """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean).
-
-    Sites are found through the shared site vocabulary (:mod:`replandscape.sites`), so every
-    supported family is read at the same places that patching and knockout use.
-    """
-
-    def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
-        from replandscape.sites import resolve_sites
-
-        self.root = model
-        self.sites = resolve_sites(model)
-        self.decoder, self.blocks = self.sites.decoder, self.sites.blocks
-        self.norm, self.head = self.sites.final_norm, self.sites.head
-        self.kinds = list(kinds)
-        self.pooling = pooling
-        self.names = site_names(kinds, len(self.blocks))
-        self.out: dict[str, Any] = {}
-        self.positions: Any = None
-        self.mask: Any = None
-        self.last_norm: Any = None
-        self.handles: list[Any] = []
-        # off while a batch is continued by generation: the decoding steps are not prompt sites
-        self.enabled = True
-
-    def _reduce(self, hidden: Any) -> Any:
-        import torch
-
-        if isinstance(hidden, (tuple, list)):
-            hidden = hidden[0]
-        if self.pooling == "mean":
-            m = self.mask.to(hidden.dtype).unsqueeze(-1)
-            summed = torch.where(m > 0, hidden, torch.zeros_like(hidden)).float().sum(1)
-            return summed / self.mask.sum(1, keepdim=True).float()
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.positions]
-
-    def _output_hook(self, name: str) -> Any:
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            if self.enabled:
-                self.out[name] = self._reduce(output)
-
-        return hook
-
-    def _input_hook(self, name: str) -> Any:
-        def hook(_module: Any, args: Any, kwargs: Any) -> None:
-            if self.enabled:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.out[name] = self._reduce(hidden)
-
-        return hook
-
-    def _norm_hook(self, _module: Any, _args: Any, output: Any) -> None:
-        import torch
-
-        if not self.enabled:
-            return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        self.last_norm = hidden[torch.arange(hidden.shape[0], device=hidden.device),
-                                self.positions]
-        if "norm" in self.kinds:
-            self.out["norm"] = self._reduce(hidden)
-
-    def __enter__(self) -> LastTokenCapture:
-        from replandscape.sites import site_modules
-
-        width = max(2, len(str(len(self.blocks) - 1)))
-        for kind in self.kinds:
-            if kind in ("norm", "logits"):
-                continue
-            for i in range(len(self.blocks)):
-                name = f"{kind}.{i:0{width}d}"
-                module, side = site_modules(self.sites, kind, i)
-                if side == "input":
-                    self.handles.append(module.register_forward_pre_hook(
-                        self._input_hook(name), with_kwargs=True))
-                else:
-                    self.handles.append(module.register_forward_hook(self._output_hook(name)))
-        self.handles.append(self.norm.register_forward_hook(self._norm_hook))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _head_input_hook(self, _module: Any, args: Any) -> Any:
-        # the head sees only the kept token of each prompt (whatever the padding side), so the
-        # logits of the other positions are never computed
-        return (self.last_norm.unsqueeze(1),) + tuple(args[1:])
-
-    def run(self, input_ids: Any, attention_mask: Any) -> tuple[dict[str, Any], Any]:
-        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V])."""
-        out, logits, _ = self.run_with_cache(input_ids, attention_mask, use_cache=False)
-        return out, logits
-
-    def run_with_cache(self, input_ids: Any, attention_mask: Any,
-                       use_cache: bool) -> tuple[dict[str, Any], Any, Any]:
-        """One batch: (site -> [B, D] tensor, last-token logits [B, V], key/value cache or None).
-
-        The forward goes through the root module (the model DeepSpeed was given), never its
-        decoder or head alone, so ZeRO-3's start- and end-of-forward hooks run on every batch.
-        With ``use_cache`` the cache of the prompt is returned, for generation to continue from.
-        """
-        import torch
-
-        self.out = {}
-        self.mask = attention_mask
-        idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        self.positions = (attention_mask * idx).argmax(1)
-        # explicit positions: left padding must not shift a prompt's positions
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        handle = self.head.register_forward_pre_hook(self._head_input_hook)
-        try:
-            output = self.root(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=use_cache)
-        finally:
-            handle.remove()
-        logits = output.logits[:, -1]
-        if "logits" in self.kinds:
-            self.out["logits"] = logits
-        return self.out, logits, (output.past_key_values if use_cache else None)
-
-
-# --------------------------------------------------------------------------------------------
-# tokens and batches
-# --------------------------------------------------------------------------------------------
-
-
-def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_length: int,
-             ids: Sequence[int], *, shots: int | None = None,
-             reserve: int = 0) -> list[list[int]]:
-    """Token ids of each prompt (BOS first when asked); a prompt that does not fit the model's
-    context (with ``reserve`` tokens left for generation) is one error naming the shot count."""
-    encoded = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
-    bos = tokenizer.bos_token_id
-    out = []
-    for qid, tokens in zip(ids, encoded):
-        tokens = list(tokens)
-        if add_bos and bos is not None and (not tokens or tokens[0] != bos):
-            tokens.insert(0, bos)
-        if len(tokens) + reserve > context_length:
-            at = f" at {shots} shots" if shots is not None else ""
-            plus = f" + {reserve} to generate" if reserve else ""
-            raise UserError(f"item {qid}: the prompt{at} has {len(tokens)} tokens{plus}, over the "
-                            f"model's context of {context_length}", key="prompts.shots",
-                            fix="use fewer shots or a model with a longer context")
-        out.append(tokens)
-    return out
-
-
-def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
-                 max_batch_tokens: int) -> list[np.ndarray]:
-    """Length-sorted batches (longest first) under a size and a padded-token budget."""
-    order = rows[np.argsort(-lengths[rows], kind="stable")]
-    batches: list[np.ndarray] = []
-    current: list[int] = []
-    longest = 0
-    for row in order:
-        n = int(lengths[row])
-        width = max(longest, n)
-        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
-            batches.append(np.asarray(current, dtype=np.int64))
-            current, width = [], n
-        current.append(int(row))
-        longest = width
-    if current:
-        batches.append(np.asarray(current, dtype=np.int64))
-    return batches
-
-
-def collate(token_lists: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for i, tokens in enumerate(token_lists):
-        t = torch.as_tensor(tokens, dtype=torch.long)
-        if side == "left":
-            ids[i, width - len(t):] = t
-            mask[i, width - len(t):] = 1
-        else:
-            ids[i, : len(t)] = t
-            mask[i, : len(t)] = 1
-    return ids, mask
-
-
-# --------------------------------------------------------------------------------------------
-# the stage
 # --------------------------------------------------------------------------------------------
 
 
@@ -393,90 +116,6 @@ def stage_hash(cfg: ExperimentConfig, condition: Condition,
            "condition": [condition.name, condition.shots, condition.checkpoint_step],
            "prompts_digest": records_digest(records)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    device: str
-    dtype: str
-    engine: Any = None
-
-
-def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None,
-                        model_path: str | None = None) -> LoadedModel:
-    """The model of one condition, ready for extraction on this rank.
-
-    Under ZeRO-3 the base model is partitioned while it loads (``zero.Init`` through
-    ``HfDeepSpeedConfig``), with or without an adapter: no rank ever holds the whole model. A
-    LoRA adapter is applied as ``extract.adapter`` says: beside the base weights (``unmerged``,
-    the default: exactly the model the fine-tuning stage evaluated) or added into them in float32
-    one layer at a time under gathered parameters (``merged``).
-    """
-    from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path
-
-    path = model_path or resolve_model_path(cfg.model)
-    dtype = cfg.model.dtype if device.startswith("cuda") else cfg.model.cpu_dtype
-    if device == "cpu":
-        import torch
-
-        # merged LoRA weights can push activations into float32 denormals, which x86 CPUs
-        # compute tens of times slower (seen: 1.7 s instead of 0.1 s a batch); values below
-        # 1e-38 change nothing that is stored
-        torch.set_flush_denormal(True)
-    tokenizer = load_tokenizer(path, cfg.model.revision, cfg.extract.padding_side)
-    zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
-    if not zero3:
-        model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
-        if adapter is not None:
-            model = apply_adapter(model, adapter, cfg.extract.adapter)
-        model.to(device)
-        model.eval()
-        return LoadedModel(model, tokenizer, device, dtype)
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    ds_config = zero3_inference_config(dtype, torchdist.model_hidden_size(path, cfg.model.revision))
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while alive
-    model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
-    if adapter is not None:
-        model = apply_adapter(model, adapter, cfg.extract.adapter)
-    engine = deepspeed.initialize(model=model, config=ds_config)[0]
-    engine.module.eval()
-    del keep
-    return LoadedModel(engine.module, tokenizer, device, dtype, engine)
-
-
-def apply_adapter(model: Any, adapter: str, mode: str) -> Any:
-    """Put the LoRA adapter saved in ``adapter`` on ``model`` (see :func:`load_for_extraction`)."""
-    from replandscape.adapters import merge_lora_float32, read_lora
-
-    lora = read_lora(adapter)
-    if mode == "merged":
-        merge_lora_float32(model, lora)
-        return model
-    from peft import PeftModel
-
-    # adapter weights keep their own precision (float32 beside a bf16 base), as in training
-    peft_model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=True)
-    peft_model.eval()
-    return peft_model
-
-
-def zero3_inference_config(dtype: str, hidden_size: int | None = None) -> dict[str, Any]:
-    """DeepSpeed ZeRO-3 settings for inference: each rank holds its share of the weights plus the
-    layer being computed and a bounded prefetch (:func:`torchdist.zero3_bounded_memory`)."""
-    zero = {**torchdist.zero3_bounded_memory(hidden_size),
-            "stage3_param_persistence_threshold": 0, "overlap_comm": False}
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def _store_dtype(cfg: ExperimentConfig, model_dtype: str) -> str:

@@ -1,23 +1,44 @@
-"""LoRA fine-tuning with DeepSpeed ZeRO (METHOD.md section 3): the SFT condition.
+"""Fine-tuning under DeepSpeed ZeRO, LoRA or full-parameter (docs/method.md §4 and §7.6): the
+SFT condition.
 
-A training sample is the bare question block followed by `` {letter}``; the loss is the cross-entropy
-of the answer-letter token alone (every other position is labelled -100), weighted by the inverse
-frequency of the sample's subject. Training data are the config's train splits (MMLU ``dev`` +
-``validation``), balanced per subject, never the evaluation split. The process group comes from
-the environment (:mod:`replandscape.dist.torchdist`); this module knows nothing about launching.
+MMLU (the default task): a training sample is the bare question block followed by `` {letter}``;
+with ``finetune.loss: answer`` the loss is the cross-entropy of the answer-letter token alone
+(every other position is labelled -100), weighted by the inverse frequency of the sample's subject.
+Training data are the config's train splits (MMLU ``dev`` + ``validation``), balanced per subject,
+never the evaluation split.
+
+A generated task (``task.name`` not ``mmlu``): a sample is one solved item without header or shots
+(``text + answer``, :meth:`TaskSpec.training_text`), ``finetune.samples_per_task`` items from the
+``train`` split of each task of ``finetune.tasks`` (default: the run's own task), mixed in a
+seeded order. The fine-tuned model is scored at 0 shots by greedy generation on the test split of
+every task of the mixture, both variants, strict and substring.
+
+``finetune.method: full`` trains every weight (ZeRO-3 partitions weights, gradients and optimizer
+states over the ranks, the model partitioned while it loads); its checkpoints are whole models
+saved with ``save_pretrained`` (float32, gathered one weight at a time, tokenizer beside), which
+load as a model path. ``finetune.loss: all`` takes the loss on every token of the sample (the
+released implicit-task recipe), a token mean over the effective batch.
+
+The process group comes from the environment (:mod:`replandscape.dist.torchdist`); this module
+knows nothing about launching.
 
 Output layout under ``<run.output_dir>/finetune/``::
 
     config.yaml, config.sha256     the resolved config and its hash (provenance)
-    stage.sha256                   what identifies this run: data, prompt seed and BOS, model,
-                                   fine-tuning settings and run seed (a resume or a re-run must
-                                   match it; analysis, figures or cluster settings may change)
+    stage.sha256                   what identifies this run: data, task (generated tasks), prompt
+                                   seed and BOS, model, fine-tuning settings and run seed (a resume
+                                   or a re-run must match it; analysis, figures or cluster settings
+                                   may change)
     train_log.jsonl                one line per optimiser step: step, epoch, loss, lr, tokens,
-                                   seconds (this step), elapsed_s; val_accuracy on eval steps
-    adapter-step000012/            LoRA adapter (PEFT format) at log-spaced steps (last included)
+                                   seconds (this step), elapsed_s; val_accuracy (MMLU) or
+                                   task_accuracy (generated tasks) on eval steps
+    adapter-step000012/            LoRA adapter (PEFT format) at the checkpoint steps
     adapter-final/                 LoRA adapter at the end of training
+    checkpoint-step000010/         full fine-tuning: the whole model (config.json, safetensors,
+    checkpoint-final/              tokenizer, finetune.json) at the checkpoint steps and the end
     checkpoints.json               {"config_hash", "stage_hash", "total_steps",
-                                    "adapters": [{name, step, path}]}
+                                    "adapters": [{name, step, path, kind, examples_seen}]}
+                                   (kind "lora" or "full"; a missing kind means lora)
     ds/step000010/                 the latest DeepSpeed checkpoint (every save_every steps), with
                                    per-rank RNG states (rng_rank00000.npz: plain arrays);
                                    ds/resume.json points at it (removed once the run has finished)
@@ -25,9 +46,10 @@ Output layout under ``<run.output_dir>/finetune/``::
                                    marker (a finished run returns it again; submit and status
                                    count the stage done only when it is there)
 
-A run that finds ``ds/resume.json`` resumes from it and, on CPU with the same seed, ends with the
-same adapter as an uninterrupted run: data order depends on (seed, epoch) only, and the model,
-optimiser, scheduler and RNG states are restored.
+Checkpoint steps: every ``finetune.checkpoint_every`` steps, or (0) ``log_checkpoints``
+geometrically spaced steps; the final one always. A run that finds ``ds/resume.json`` resumes from
+it and, on CPU with the same seed, ends with the same weights as an uninterrupted run: data order
+depends on (seed, epoch) only, and the model, optimiser, scheduler and RNG states are restored.
 
 Nothing read back from the folder is unpickled: the JSON files go through the schema-checked
 readers of :mod:`replandscape.stored`, the RNG states are ``.npz`` arrays read with
@@ -68,6 +90,7 @@ from replandscape.stored import (
     FIX_RESUME,
     AdapterCheckpoint,
     check_adapter_dir,
+    check_model_dir,
     read_checkpoint_index,
     read_finetune_result,
     read_resume_record,
@@ -76,6 +99,11 @@ from replandscape.stored import (
 
 STAGE_DIR = "finetune"
 FINAL_ADAPTER = "adapter-final"
+# full fine-tuning saves whole models, loadable as a model path
+FINAL_MODEL = "checkpoint-final"
+FINAL_NAMES = (FINAL_ADAPTER, FINAL_MODEL)
+# the split of a generated task that fine-tuning draws from (test is scored, dev holds shots)
+TASK_TRAIN_SPLIT = "train"
 IGNORE_INDEX = -100
 RESULT_FILE = "result.json"
 CHECKPOINTS_FILE = "checkpoints.json"
@@ -116,10 +144,20 @@ class FinetuneResult:
     checkpoints: tuple[AdapterCheckpoint, ...]
     resumed_from_step: int | None = None
     stage_hash: str = ""
+    # "lora" or "full"; adapter_dir is the final checkpoint's folder either way
+    method: str = "lora"
+    loss: str = "answer"
+    # generated tasks: the tasks trained on, the 0-shot accuracy on the test split of each
+    # ({task: {variant: {"strict", "substring", "n"}}}) at the end and on eval steps
+    train_tasks: tuple[str, ...] = ()
+    task_accuracy: dict[str, dict[str, dict[str, float | int]]] | None = None
+    task_history: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["val_history"] = [list(item) for item in self.val_history]
+        data["train_tasks"] = list(self.train_tasks)
+        data["task_history"] = [dict(item) for item in self.task_history]
         return data
 
     @classmethod
@@ -130,6 +168,8 @@ class FinetuneResult:
         data = {k: v for k, v in data.items() if k in known}
         data["val_history"] = tuple((int(s), float(a)) for s, a in data["val_history"])
         data["checkpoints"] = tuple(AdapterCheckpoint(**c) for c in data["checkpoints"])
+        data["train_tasks"] = tuple(data.get("train_tasks", ()))
+        data["task_history"] = tuple(data.get("task_history", ()))
         return cls(**data)
 
 
@@ -138,28 +178,55 @@ class FinetuneResult:
 # --------------------------------------------------------------------------------------------
 
 
+# fine-tuning options added after runs were stored: at these values they stay out of the stage
+# hash, so a folder written before them keeps its identity (and resumes)
+_LATER_DEFAULTS: dict[str, Any] = {
+    "method": "lora", "loss": "answer", "tasks": [], "samples_per_task": 1000,
+    "train_variants": ["pattern", "misleading"], "schedule": "cosine", "warmup_steps": None,
+    "max_steps": None, "checkpoint_every": 0}
+
+
 def stage_hash(cfg: ExperimentConfig) -> str:
-    """Identity of a fine-tuning run: only what changes its adapters and their evaluation, so a
+    """Identity of a fine-tuning run: only what changes its weights and their evaluation, so a
     config that differs in its analysis, figures, extraction or cluster settings reuses it."""
     d = cfg.to_dict()
+    finetune = {k: v for k, v in d["finetune"].items()
+                if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     key = {"data": d["data"],
            "prompts": {"seed": d["prompts"]["seed"], "add_bos": d["prompts"]["add_bos"]},
-           "model": d["model"], "finetune": d["finetune"], "seed": d["run"]["seed"]}
+           "model": d["model"], "finetune": finetune, "seed": d["run"]["seed"]}
+    if cfg.task.name != "mmlu":  # MMLU runs keep the identity they had before the task axis
+        key["task"] = d["task"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+              schedule: str = "cosine") -> float:
     """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up over
-    ``warmup_steps`` steps, then cosine decay reaching ``min_lr_ratio`` at the last step."""
+    ``warmup_steps`` steps, then cosine decay reaching ``min_lr_ratio`` at the last step
+    (``schedule="cosine"``) or the peak lr to the end (``"constant"``)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     span = max(1, total_steps - warmup_steps - 1)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_steps_for(total_steps: int, ratio: float, cap: int) -> int:
+def warmup_steps_for(total_steps: int, ratio: float, cap: int, absolute: int | None = None) -> int:
+    """Warm-up steps: ``absolute`` when given, else ceil(ratio x steps) capped at ``cap``."""
+    if absolute is not None:
+        return max(0, absolute)
     return max(0, min(math.ceil(ratio * total_steps), cap))
+
+
+def checkpoint_steps(total_steps: int, every: int, log_count: int) -> list[int]:
+    """The steps whose weights are saved besides the final ones: every ``every`` steps (the
+    last included when it falls on one), or with ``every`` 0 ``log_count`` log-spaced steps."""
+    if every > 0:
+        return list(range(every, total_steps + 1, every))
+    return log_spaced_steps(total_steps, log_count)
 
 
 def log_spaced_steps(total_steps: int, count: int) -> list[int]:
@@ -209,12 +276,23 @@ def rank_shard(global_batch: Sequence[int], rank: int, world_size: int) -> list[
     return list(global_batch[rank::world_size])
 
 
-def answer_token_loss(logits: Any, labels: Any, weights: Any) -> tuple[Any, Any]:
-    """Weighted token cross-entropy of a causal LM restricted to labelled positions.
+def build_labels(ids: Sequence[int], n_prompt: int, loss: str) -> list[int]:
+    """Labels of one sample whose first ``n_prompt`` tokens are the prompt and the rest the
+    answer: ``loss="answer"`` labels the answer tokens alone, ``"all"`` every token but the
+    first (which nothing predicts); -100 elsewhere."""
+    if loss == "all":
+        return [IGNORE_INDEX] + list(ids[1:])
+    if loss == "answer":
+        return [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])
+    raise ValueError(f"unknown loss {loss!r}")  # the config allows only the two
+
+
+def masked_token_ce(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """Per-sample sum of the token cross-entropy over labelled positions, and their count.
 
     ``logits`` holds the last K positions of the sequence ([B, K, V]), ``labels`` the whole
-    sequence ([B, T], -100 where no loss is taken). Position t predicts token t+1. Returns the sum
-    over the batch of ``weight x per-sample mean CE`` divided by B, and the per-sample CE.
+    sequence ([B, T], -100 where no loss is taken). Position t predicts token t+1, so K must
+    reach one position before the first label.
     """
     import torch
     import torch.nn.functional as F
@@ -225,9 +303,19 @@ def answer_token_loss(logits: Any, labels: Any, weights: Any) -> tuple[Any, Any]
                                              device=targets.device)], dim=1)
     ce = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="none").view(batch, kept)
-    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    per_sample = ce.sum(dim=1) / counted
-    return (weights.to(per_sample) * per_sample).sum() / batch, per_sample
+    return ce.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def answer_token_loss(logits: Any, labels: Any, weights: Any) -> tuple[Any, Any]:
+    """Weighted token cross-entropy of a causal LM restricted to labelled positions.
+
+    ``logits`` holds the last K positions of the sequence ([B, K, V]), ``labels`` the whole
+    sequence ([B, T], -100 where no loss is taken). Position t predicts token t+1. Returns the sum
+    over the batch of ``weight x per-sample mean CE`` divided by B, and the per-sample CE.
+    """
+    ce_sum, counted = masked_token_ce(logits, labels)
+    per_sample = ce_sum / counted.clamp(min=1)
+    return (weights.to(per_sample) * per_sample).sum() / logits.shape[0], per_sample
 
 
 def collate_left(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None,
@@ -274,6 +362,70 @@ def check_target_modules(targets: Sequence[str], module_names: Sequence[str]) ->
         raise UserError(f"target module(s) {', '.join(missing)} not in the model, which has: "
                         f"{', '.join(short)}", key="finetune.target_modules",
                         fix="list module names the model has")
+
+
+def train_tasks(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The generated tasks fine-tuning mixes: ``finetune.tasks``, else the run's own task."""
+    return tuple(cfg.finetune.tasks) or (cfg.task.name,)
+
+
+def task_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    """``cfg`` with the task ``name`` in place of its own (the same sizes, variants and seed), so
+    :func:`replandscape.evalset.task_folder` and ``eval_records`` give that task's splits; the
+    run's own task gives ``cfg`` itself.
+
+    Raises:
+        UserError: Another task is asked while ``data.source`` is a folder of the run's task.
+    """
+    if name == cfg.task.name:
+        return cfg
+    from replandscape.evalset import BUILTIN_TASK
+
+    if cfg.data.source != BUILTIN_TASK:
+        raise UserError(f"finetune.tasks lists '{name}', but data.source is a folder of "
+                        f"'{cfg.task.name}' items", file=cfg.source_file or None,
+                        key="finetune.tasks",
+                        fix=f"use data.source {BUILTIN_TASK} (every task generated), or train on "
+                            "the run's own task alone")
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name=name))
+
+
+def mixture_items(cfg: ExperimentConfig) -> list[Any]:
+    """The training items of a generated task's run: ``samples_per_task`` items of the
+    ``train_variants`` from the ``train`` split of each task of :func:`train_tasks` (a choice
+    seeded by (run.seed, task)), then shuffled together (seeded by run.seed).
+
+    Raises:
+        UserError: A task's train split holds fewer items than asked.
+    """
+    from replandscape.evalset import task_folder
+    from replandscape.tasks.data import load_task_split
+
+    f = cfg.finetune
+    mixture: list[Any] = []
+    for name in train_tasks(cfg):
+        folder = task_folder(task_config(cfg, name))
+        items = [i for i in load_task_split(folder, TASK_TRAIN_SPLIT)
+                 if i.task == name and i.variant in f.train_variants]
+        if len(items) < f.samples_per_task:
+            raise UserError(f"the '{TASK_TRAIN_SPLIT}' split of '{name}' holds {len(items)} items "
+                            f"of the variants {', '.join(f.train_variants)}, "
+                            f"{f.samples_per_task} asked", file=str(folder),
+                            key="finetune.samples_per_task",
+                            fix=f"use at most {len(items)} or more train items (task.n_train)")
+        mixture += random.Random(f"{cfg.run.seed}:train:{name}").sample(items, f.samples_per_task)
+    random.Random(f"{cfg.run.seed}:mixture").shuffle(mixture)
+    return mixture
+
+
+def cut_to_length(ids: list[int], n_prompt: int, max_len: int, add_bos: bool) -> tuple[list[int], int]:
+    """Cut a sample to ``max_len`` tokens, keeping BOS and the end (the answer); returns the ids
+    and the new prompt length."""
+    if len(ids) <= max_len:
+        return ids, n_prompt
+    head = ids[:1] if add_bos else []
+    tail = ids[len(ids) - (max_len - len(head)):]
+    return head + tail, max(len(head), n_prompt - (len(ids) - max_len))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -391,7 +543,19 @@ class _Sample:
     input_ids: list[int]
     labels: list[int]
     weight: float
-    subject: str
+    subject: str  # the MMLU subject, or the generated task's name
+
+    @property
+    def keep(self) -> int:
+        """Logit positions the loss needs: from just before the first label to the end."""
+        first = next((i for i, t in enumerate(self.labels) if t != IGNORE_INDEX),
+                     len(self.labels))
+        return max(1, len(self.labels) - first + 1)
+
+    @property
+    def n_targets(self) -> int:
+        """Labelled tokens that something predicts (the first position never is one)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
 @dataclass
@@ -401,21 +565,30 @@ class _State:
     elapsed_s: float = 0.0
     last_loss: float | None = None
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    task_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int | None = None
 
 
-class LoraFinetuner:
-    """One LoRA fine-tuning run. ``run(cfg)`` is the usual entry point; tests and benchmarks use
-    the pieces (``setup``, ``train``, ``evaluate``, ``engine``).
+TaskScores = dict[str, dict[str, dict[str, float | int]]]
 
-    All user errors (batch arithmetic, splits, target modules, a foreign resume folder) are raised
-    by the constructor, before the process group, the model or DeepSpeed are touched.
+
+class Finetuner:
+    """One fine-tuning run, LoRA or full. ``run(cfg)`` is the usual entry point; tests and
+    benchmarks use the pieces (``setup``, ``train``, ``evaluate``, ``evaluate_tasks``,
+    ``engine``).
+
+    All user errors (batch arithmetic, splits, task data, target modules, a foreign resume folder)
+    are raised by the constructor, before the process group, the model or DeepSpeed are touched.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
+        from replandscape.evalset import eval_records, is_generated
+
         self.cfg = cfg
         self.stage_hash = stage_hash(cfg)
         f = cfg.finetune
+        self.method = f.method
+        self.generated = is_generated(cfg)
         self.info = torchdist.rank_info()
         self.out = cfg.output_dir / STAGE_DIR
         world = self.info.world_size
@@ -426,31 +599,56 @@ class LoraFinetuner:
                                 "or the number of ranks")
         self.grad_accum = f.effective_batch // (f.micro_batch * world)
         self._check_output_folder()
-        if not cfg.data.train_splits:
-            raise UserError("no training splits", key="data.train_splits",
-                            fix="list the splits to train on, e.g. [dev, validation]")
-        questions: list[Question] = []
-        for split in cfg.data.train_splits:
-            questions += load_split(cfg.data, split)
-        if cfg.data.subjects is not None:
-            questions = [q for q in questions if q.subject in cfg.data.subjects]
-        self.train_questions = balance_per_subject(questions, f.samples_per_subject, cfg.run.seed)
-        self.steps_per_epoch = len(self.train_questions) // f.effective_batch
+        self.train_questions: list[Question] = []
+        self.train_items: list[Any] = []
+        # generated tasks: the 0-shot test prompts of each task of the mixture; the run's own
+        # are exactly the ones extraction scores, so ft-final can be checked against them
+        self.task_records: dict[str, list[Any]] = {}
+        self.task_new_tokens: dict[str, int] = {}
+        if self.generated:
+            from replandscape.evalset import max_new_tokens
+
+            self.train_items = mixture_items(cfg)
+            n_train = len(self.train_items)
+            scored = train_tasks(cfg)
+            if cfg.task.name not in scored:  # test_accuracy is always the run's own task's
+                scored = (cfg.task.name, *scored)
+            for name in scored:
+                sub = task_config(cfg, name)
+                self.task_records[name] = eval_records(sub, 0)
+                self.task_new_tokens[name] = max_new_tokens(sub)
+        else:
+            if not cfg.data.train_splits:
+                raise UserError("no training splits", key="data.train_splits",
+                                fix="list the splits to train on, e.g. [dev, validation]")
+            questions: list[Question] = []
+            for split in cfg.data.train_splits:
+                questions += load_split(cfg.data, split)
+            if cfg.data.subjects is not None:
+                questions = [q for q in questions if q.subject in cfg.data.subjects]
+            self.train_questions = balance_per_subject(questions, f.samples_per_subject,
+                                                       cfg.run.seed)
+            n_train = len(self.train_questions)
+        self.steps_per_epoch = n_train // f.effective_batch
         if self.steps_per_epoch < 1:
-            raise UserError(f"{len(self.train_questions)} training samples do not fill one batch of "
+            raise UserError(f"{n_train} training samples do not fill one batch of "
                             f"{f.effective_batch}", key="finetune.effective_batch",
                             fix="lower effective_batch or train on more data")
         self.total_steps = self.steps_per_epoch * f.epochs
+        if f.max_steps is not None:
+            self.total_steps = min(self.total_steps, f.max_steps)
         # the evaluation questions are read now, so a missing split fails before training
-        self.val_questions = self._eval_questions("validation")
-        self.test_questions = self._eval_questions(cfg.data.eval_split)
+        self.val_questions = [] if self.generated else self._eval_questions("validation")
+        self.test_questions = [] if self.generated else self._eval_questions(cfg.data.eval_split)
         self.model_path = resolve_model_path(cfg.model)
-        check_target_modules(f.target_modules, model_module_names(self.model_path))
+        if self.method == "lora":
+            check_target_modules(f.target_modules, model_module_names(self.model_path))
         self.engine: Any = None
         self.model: Any = None
         self.tokenizer: Any = None
         self.samples: list[_Sample] = []
         self.letter_ids: list[int] = []
+        self.eos_ids: list[int] = []
         self.state = _State()
 
     # ---------------------------------------------------------------------------- set-up
@@ -470,16 +668,19 @@ class LoraFinetuner:
         torchdist.init_distributed(self.device)
 
     def setup(self) -> None:
-        """Process group, tokenizer, samples, LoRA model and the DeepSpeed engine."""
+        """Process group, tokenizer, samples, the model (LoRA-wrapped or whole) and the DeepSpeed
+        engine."""
         import deepspeed
         import torch
-        from peft import LoraConfig, get_peft_model
+
+        from replandscape.generation import eos_token_ids
 
         cfg, f = self.cfg, self.cfg.finetune
         self.init_process_group()
 
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.revision, padding_side="left")
-        self.letter_ids = letter_token_ids(self.tokenizer, cfg.data.num_choices)
+        if not self.generated:
+            self.letter_ids = letter_token_ids(self.tokenizer, cfg.data.num_choices)
         self.samples = self._build_samples()
 
         dtype = cfg.model.dtype if self.on_cuda else "float32"
@@ -510,17 +711,27 @@ class LoraFinetuner:
             partition_on_load = HfDeepSpeedConfig(ds_config)
         model = load_causal_lm(self.model_path, revision=cfg.model.revision, dtype=dtype)
         model.config.use_cache = False
-        torch.manual_seed(cfg.run.seed)  # the same LoRA initialisation on every rank
-        lora = LoraConfig(r=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
-                          target_modules=list(f.target_modules), bias="none", task_type="CAUSAL_LM")
-        self.model = get_peft_model(model, lora)
+        self.eos_ids = eos_token_ids(model, self.tokenizer)
+        if self.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(cfg.run.seed)  # the same LoRA initialisation on every rank
+            lora = LoraConfig(r=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                              target_modules=list(f.target_modules), bias="none",
+                              task_type="CAUSAL_LM")
+            self.model = get_peft_model(model, lora)
+        else:
+            for param in model.parameters():
+                param.requires_grad_(True)
+            self.model = model
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay)
-        warmup = warmup_steps_for(self.total_steps, f.warmup_ratio, f.warmup_max_steps)
-        total, min_ratio = self.total_steps, f.min_lr_ratio
+        warmup = warmup_steps_for(self.total_steps, f.warmup_ratio, f.warmup_max_steps,
+                                  f.warmup_steps)
+        total, min_ratio, schedule = self.total_steps, f.min_lr_ratio, f.schedule
 
         def factor(step: int) -> float:
-            return lr_factor(step, total, warmup, min_ratio)
+            return lr_factor(step, total, warmup, min_ratio, schedule)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -532,8 +743,11 @@ class LoraFinetuner:
         torch.manual_seed(cfg.run.seed * 1000 + 7919 * self.info.rank + 1)
 
     def _build_samples(self) -> list[_Sample]:
+        if self.generated:
+            return self._task_samples()
         add_bos = self.cfg.prompts.add_bos
         max_len = self.cfg.finetune.max_seq_len
+        loss = self.cfg.finetune.loss
         weights = inverse_frequency_weights([q.subject for q in self.train_questions])
         samples = []
         truncated = 0
@@ -546,26 +760,89 @@ class LoraFinetuner:
                 # keep BOS and the end of the block, which holds the choices and "Answer:"
                 head = ids[:1] if add_bos else []
                 ids = head + ids[len(ids) - (max_len - 1 - len(head)):]
-            samples.append(_Sample(input_ids=ids + [letter],
-                                   labels=[IGNORE_INDEX] * len(ids) + [letter], weight=w,
-                                   subject=q.subject))
+            full = ids + [letter]
+            samples.append(_Sample(input_ids=full, labels=build_labels(full, len(ids), loss),
+                                   weight=w, subject=q.subject))
+        if truncated:
+            torchdist.print0(f"finetune: {truncated} training samples cut to max_seq_len={max_len}")
+        return samples
+
+    def _task_samples(self) -> list[_Sample]:
+        """One sample per item: ``text + answer`` tokenized whole (as the text reads), the answer
+        being the tokens after the longest common prefix with the text alone."""
+        from replandscape.tasks import get_task
+
+        add_bos = self.cfg.prompts.add_bos
+        max_len = self.cfg.finetune.max_seq_len
+        loss = self.cfg.finetune.loss
+        samples = []
+        truncated = 0
+        for item in self.train_items:
+            text, answer = get_task(item.task).training_text(item)
+            ids = self.tokenizer.encode(text + answer, add_special_tokens=add_bos)
+            prompt = self.tokenizer.encode(text, add_special_tokens=add_bos)
+            n_prompt = 0
+            while n_prompt < min(len(ids) - 1, len(prompt)) and ids[n_prompt] == prompt[n_prompt]:
+                n_prompt += 1
+            if len(ids) > max_len:
+                truncated += 1
+                ids, n_prompt = cut_to_length(ids, n_prompt, max_len, add_bos)
+            samples.append(_Sample(input_ids=ids, labels=build_labels(ids, n_prompt, loss),
+                                   weight=1.0, subject=item.task))
         if truncated:
             torchdist.print0(f"finetune: {truncated} training samples cut to max_seq_len={max_len}")
         return samples
 
     # ---------------------------------------------------------------------------- data order
 
-    def micro_batches(self, step: int) -> Iterator[list[_Sample]]:
-        """This rank's micro-batches of optimiser step ``step`` (0-based)."""
+    def global_batch(self, step: int) -> list[int]:
+        """Sample indices of optimiser step ``step`` (0-based), all ranks together."""
         f = self.cfg.finetune
         epoch, within = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.samples), self.cfg.run.seed, epoch)
-        global_batch = order[within * f.effective_batch:(within + 1) * f.effective_batch]
-        mine = rank_shard(global_batch, self.info.rank, self.info.world_size)
+        return order[within * f.effective_batch:(within + 1) * f.effective_batch]
+
+    def micro_batches(self, step: int) -> Iterator[list[_Sample]]:
+        """This rank's micro-batches of optimiser step ``step`` (0-based)."""
+        f = self.cfg.finetune
+        mine = rank_shard(self.global_batch(step), self.info.rank, self.info.world_size)
         for i in range(0, len(mine), f.micro_batch):
             yield [self.samples[j] for j in mine[i:i + f.micro_batch]]
 
     # ---------------------------------------------------------------------------- training
+
+    def _batch_loss(self, micro: Sequence[_Sample], global_norm: float | None,
+                    train: bool) -> tuple[Any, float, float, int]:
+        """Forward one micro-batch; returns the loss to back-propagate, this batch's share of
+        the reported loss (numerator, denominator) and its real tokens.
+
+        ``loss: answer``: ``sum(weight x per-sample mean CE) / B`` (DeepSpeed averages it over
+        accumulation steps and ranks, giving the mean over the effective batch). ``loss: all``:
+        ``sum(weight x token CE) x (accumulation x ranks) / global_norm``, so the gradient is the
+        token mean over the effective batch, however it is split over ranks and micro-batches.
+        """
+        import torch
+
+        batch = collate_left([s.input_ids for s in micro], [s.labels for s in micro],
+                             self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        weights = torch.tensor([s.weight for s in micro], dtype=torch.float32,
+                               device=self.device)
+        keep = max(s.keep for s in micro)
+        out = self.engine(**batch, logits_to_keep=keep, use_cache=False)
+        ce_sum, counted = masked_token_ce(out.logits, labels)
+        tokens = int(batch["attention_mask"].sum())
+        if self.cfg.finetune.loss == "all":
+            weighted = (weights * ce_sum).sum()
+            norm = global_norm if global_norm is not None else float(
+                (weights * counted.to(weights)).sum())
+            scale = self.grad_accum * self.info.world_size if train else 1
+            return (weighted * scale / norm, float(weighted.detach()),
+                    float((weights * counted.to(weights)).sum()), tokens)
+        per_sample = ce_sum / counted.clamp(min=1)
+        weighted = (weights * per_sample).sum()
+        return weighted / len(micro), float(weighted.detach()), float(len(micro)), tokens
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimiser step (all micro-batches of this rank); returns global loss and tokens."""
@@ -574,19 +851,15 @@ class LoraFinetuner:
         engine = self.engine
         engine.train()
         lr = float(self.scheduler.get_last_lr()[0])
-        loss_sum = torch.zeros(3, dtype=torch.float64)  # weighted CE sum, samples, tokens
+        # every rank knows the whole batch: the token-mean normaliser needs no communication
+        norm = sum(self.samples[j].weight * self.samples[j].n_targets
+                   for j in self.global_batch(step)) or 1.0
+        loss_sum = torch.zeros(3, dtype=torch.float64)  # loss numerator, denominator, tokens
         for micro in self.micro_batches(step):
-            batch = collate_left([s.input_ids for s in micro], [s.labels for s in micro],
-                                 self.tokenizer.pad_token_id)
-            weights = torch.tensor([s.weight for s in micro], dtype=torch.float32)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            out = engine(**batch, logits_to_keep=2, use_cache=False)
-            loss, _per_sample = answer_token_loss(out.logits, labels, weights.to(self.device))
+            loss, num, den, tokens = self._batch_loss(micro, norm, train=True)
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item() * len(micro), len(micro),
-                                      float(batch["attention_mask"].sum())], dtype=torch.float64)
+            loss_sum += torch.tensor([num, den, float(tokens)], dtype=torch.float64)
         if torchdist.is_distributed():
             torch.distributed.all_reduce(loss_sum)
         return {"loss": float(loss_sum[0] / loss_sum[1]), "lr": lr, "tokens": int(loss_sum[2])}
@@ -603,7 +876,8 @@ class LoraFinetuner:
             write_text_atomic(self.out / STAGE_STAMP, self.stage_hash + "\n")
         torchdist.barrier()
         self._maybe_resume()
-        adapter_steps = set(log_spaced_steps(self.total_steps, f.log_checkpoints))
+        saved_steps = set(checkpoint_steps(self.total_steps, f.checkpoint_every,
+                                           f.log_checkpoints))
         val_questions = self.val_questions
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="finetune",
                    disable=not is_main, dynamic_ncols=True)
@@ -621,16 +895,20 @@ class LoraFinetuner:
                                       "loss": stats["loss"], "lr": stats["lr"],
                                       "tokens": stats["tokens"], "seconds": round(seconds, 4),
                                       "elapsed_s": round(self.state.elapsed_s, 3)}
-            if f.eval_every > 0 and step % f.eval_every == 0 and step < self.total_steps \
-                    and val_questions:
-                acc, _ = self.evaluate(val_questions)
-                self.state.val_history.append((step, acc))
-                record["val_accuracy"] = acc
+            if f.eval_every > 0 and step % f.eval_every == 0 and step < self.total_steps:
+                if self.generated:
+                    scores = self.evaluate_tasks()
+                    self.state.task_history.append({"step": step, "task_accuracy": scores})
+                    record["task_accuracy"] = scores
+                elif val_questions:
+                    acc, _ = self.evaluate(val_questions)
+                    self.state.val_history.append((step, acc))
+                    record["val_accuracy"] = acc
             if is_main:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
-            if step in adapter_steps:
-                self.save_adapter(f"adapter-step{step:06d}", step)
+            if step in saved_steps:
+                self.save_weights(self._step_name(step), step)
             if f.save_every > 0 and step % f.save_every == 0 and step < self.total_steps:
                 self.save_resume_checkpoint()
             bar.update(1)
@@ -639,23 +917,36 @@ class LoraFinetuner:
         return self.finish()
 
     def finish(self) -> FinetuneResult:
-        """Final adapter, validation and test accuracy, result.json."""
+        """Final weights, validation and test accuracy, result.json."""
         f = self.cfg.finetune
         step = self.state.step
-        self.save_adapter(FINAL_ADAPTER, step)
-        val_questions = self.val_questions
+        final = self.save_weights(self._final_name(), step)
         val_acc = None
-        if val_questions:
-            val_acc, _ = self.evaluate(val_questions)
-            self.state.val_history.append((step, val_acc))
+        task_scores: TaskScores | None = None
+        if self.generated:
+            task_scores = self.evaluate_tasks()
             if self.info.is_main:
                 with open(self.out / TRAIN_LOG, "a") as fh:
-                    fh.write(json.dumps({"step": step, "val_accuracy": val_acc,
-                                         "val_questions": len(val_questions)}) + "\n")
-        test_questions = self.test_questions
-        test_acc, per_subject = self.evaluate(test_questions)
+                    fh.write(json.dumps({"step": step, "task_accuracy": task_scores}) + "\n")
+            own = task_scores[self.cfg.task.name]
+            rule = self.cfg.task.scoring
+            n_test = sum(int(v["n"]) for v in own.values())
+            test_acc: float | None = sum(float(v[rule]) * int(v["n"]) for v in own.values()) \
+                / max(1, n_test)
+            per_subject = {variant: float(v[rule]) for variant, v in own.items()}
+        else:
+            val_questions = self.val_questions
+            if val_questions:
+                val_acc, _ = self.evaluate(val_questions)
+                self.state.val_history.append((step, val_acc))
+                if self.info.is_main:
+                    with open(self.out / TRAIN_LOG, "a") as fh:
+                        fh.write(json.dumps({"step": step, "val_accuracy": val_acc,
+                                             "val_questions": len(val_questions)}) + "\n")
+            test_acc, per_subject = self.evaluate(self.test_questions)
+            n_test = len(self.test_questions)
         result = FinetuneResult(
-            output_dir=str(self.out), adapter_dir=str(self.out / FINAL_ADAPTER),
+            output_dir=str(self.out), adapter_dir=str(final),
             config_hash=self.cfg.hash, stage_hash=self.stage_hash, total_steps=step,
             train_samples=len(self.samples),
             train_subjects=len({s.subject for s in self.samples}),
@@ -663,9 +954,11 @@ class LoraFinetuner:
             zero_stage=self.zero_stage, final_loss=self.state.last_loss,
             train_tokens=self.state.tokens, train_seconds=round(self.state.elapsed_s, 3),
             val_accuracy=val_acc, val_history=tuple(self.state.val_history),
-            test_accuracy=test_acc, test_questions=len(test_questions),
+            test_accuracy=test_acc, test_questions=n_test,
             test_per_subject=per_subject, checkpoints=tuple(self._read_checkpoints()),
-            resumed_from_step=self.state.resumed_from_step)
+            resumed_from_step=self.state.resumed_from_step, method=self.method, loss=f.loss,
+            train_tasks=train_tasks(self.cfg) if self.generated else (),
+            task_accuracy=task_scores, task_history=tuple(self.state.task_history))
         if self.info.is_main:
             _write_json(self.out / RESULT_FILE, result.to_json())
             # the resume state (optimiser moments included) is of no use once result.json exists
@@ -676,28 +969,21 @@ class LoraFinetuner:
     # ---------------------------------------------------------------------------- evaluation
 
     def mean_loss(self, samples: Sequence[_Sample]) -> float:
-        """Weighted answer-token loss of ``samples`` in eval mode (no dropout); every rank must
-        pass the same samples (under ZeRO-3 the forwards are collective)."""
+        """The training loss of ``samples`` (per ``finetune.loss``) in eval mode (no dropout);
+        every rank must pass the same samples (under ZeRO-3 the forwards are collective)."""
         import torch
 
         was_training = self.engine.training
         self.engine.eval()
-        total = 0.0
+        num = den = 0.0
         size = max(1, self.cfg.finetune.micro_batch)
         with torch.no_grad():
             for i in range(0, len(samples), size):
-                part = samples[i:i + size]
-                batch = collate_left([s.input_ids for s in part], [s.labels for s in part],
-                                     self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                weights = torch.tensor([s.weight for s in part], device=self.device)
-                logits = self.engine(**batch, logits_to_keep=2, use_cache=False).logits
-                loss, _ = answer_token_loss(logits, labels, weights)
-                total += loss.item() * len(part)
+                _loss, n, d, _tokens = self._batch_loss(samples[i:i + size], None, train=False)
+                num, den = num + n, den + d
         if was_training:
             self.engine.train()
-        return total / max(1, len(samples))
+        return num / max(den, 1e-12)
 
     def _eval_questions(self, split: str) -> list[Question]:
         """The questions scored on ``split`` (subjects, max_per_subject and limit applied); a data
@@ -711,6 +997,14 @@ class LoraFinetuner:
             raise
         return select_eval_questions(questions, cfg.data, cfg.run.seed)
 
+    def _my_rows(self, n: int, batch_size: int) -> tuple[list[int], int]:
+        """This rank's rows of ``n`` (every world-th), padded with its last row so that every
+        rank runs the same number of batches (ZeRO-3 forwards are collective)."""
+        rank, world = self.info.rank, self.info.world_size
+        mine = list(range(rank, n, world))
+        n_batches = math.ceil(math.ceil(n / world) / batch_size)
+        return mine + [mine[-1] if mine else 0] * (n_batches * batch_size - len(mine)), n_batches
+
     def evaluate(self, questions: Sequence[Question]) -> tuple[float, dict[str, float]]:
         """0-shot accuracy (header + question block, argmax over the letter tokens); every rank
         scores its share and all ranks run the same number of forwards (ZeRO-3 needs that)."""
@@ -719,12 +1013,9 @@ class LoraFinetuner:
 
         if not questions:
             return float("nan"), {}
-        rank, world = self.info.rank, self.info.world_size
         batch_size = max(1, self.cfg.extract.batch_size)
-        mine = list(range(rank, len(questions), world))
-        per_rank = math.ceil(len(questions) / world)
-        n_batches = math.ceil(per_rank / batch_size)
-        padded = mine + [mine[-1] if mine else 0] * (n_batches * batch_size - len(mine))
+        mine = list(range(self.info.rank, len(questions), self.info.world_size))
+        padded, n_batches = self._my_rows(len(questions), batch_size)
         letters = torch.tensor(self.letter_ids, device=self.device)
         add_bos = self.cfg.prompts.add_bos
         correct: dict[int, bool] = {}
@@ -754,38 +1045,127 @@ class LoraFinetuner:
         per_subject = {s: sum(v) / len(v) for s, v in sorted(hits.items())}
         return sum(merged.values()) / len(merged), per_subject
 
+    def evaluate_tasks(self) -> TaskScores:
+        """0-shot accuracy of every task of the mixture on its test split, per variant, strict
+        and substring, by greedy generation (as extraction generates: the same prompts, token ids,
+        end-of-sequence ids and token count). Every rank decodes its share in lock step: the
+        same number of batches and of decoding steps (ZeRO-3 forwards are collective)."""
+        from tqdm import tqdm
+
+        from replandscape.generation import decode_continuations, greedy_continue
+        from replandscape.capture import tokenize
+        from replandscape.tasks.scoring import score_all
+
+        cfg = self.cfg
+        batch_size = max(1, cfg.extract.batch_size)
+        pad_id = self.tokenizer.pad_token_id
+        was_training = self.engine.training
+        self.engine.eval()
+        scores: TaskScores = {}
+        for name, records in self.task_records.items():
+            n_new = self.task_new_tokens[name]
+            tokens = tokenize(self.tokenizer, [r.prompt for r in records], cfg.prompts.add_bos,
+                              cfg.model.context_length, [r.id for r in records], shots=0,
+                              reserve=n_new)
+            mine = list(range(self.info.rank, len(records), self.info.world_size))
+            padded, n_batches = self._my_rows(len(records), batch_size)
+            verdicts: dict[int, dict[str, bool]] = {}
+            for b in tqdm(range(n_batches), desc=f"evaluate {name}", leave=False,
+                          disable=not self.info.is_main):
+                idx = padded[b * batch_size:(b + 1) * batch_size]
+                batch = collate_left([tokens[i] for i in idx], None, pad_id)
+                new_ids = greedy_continue(
+                    self.engine.module, batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device), n_new, pad_token_id=pad_id,
+                    eos_token_id=self.eos_ids, stop_in_step=True)
+                texts = decode_continuations(self.tokenizer, new_ids, self.eos_ids)
+                for j, i in enumerate(idx):
+                    if b * batch_size + j < len(mine):
+                        verdicts[i] = score_all(texts[j], records[i].target)
+            merged: dict[int, dict[str, bool]] = {}
+            for part in torchdist.all_gather_object(verdicts):
+                merged.update(part)
+            per_variant: dict[str, list[dict[str, bool]]] = {}
+            for i in sorted(merged):
+                per_variant.setdefault(records[i].group, []).append(merged[i])
+            scores[name] = {
+                variant: {"strict": sum(v["strict"] for v in rows) / len(rows),
+                          "substring": sum(v["substring"] for v in rows) / len(rows),
+                          "n": len(rows)}
+                for variant, rows in per_variant.items()}
+        if was_training:
+            self.engine.train()
+        return scores
+
     # ---------------------------------------------------------------------------- saving
 
+    def _step_name(self, step: int) -> str:
+        return f"{'adapter' if self.method == 'lora' else 'checkpoint'}-step{step:06d}"
+
+    def _final_name(self) -> str:
+        return FINAL_ADAPTER if self.method == "lora" else FINAL_MODEL
+
     def _trainable_state_dict(self) -> dict[str, Any] | None:
-        """Full (gathered) trainable weights on rank 0; collective under ZeRO-3."""
+        """Full (gathered) trainable weights on rank 0, in float32 on the CPU; collective under
+        ZeRO-3, one weight gathered at a time, so no rank holds the whole model on the device."""
         import deepspeed
 
         named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            if not self.info.is_main:
-                return None
-            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+        state: dict[str, Any] = {}
+        for name, param in named:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.info.is_main:
+                    value = param.detach().to("cpu", copy=True)
+                    state[name] = value.float() if self.method == "full" else value
+        return state if self.info.is_main else None
 
-    def save_adapter(self, name: str, step: int) -> Path:
-        """Save the LoRA adapter (PEFT format) as ``finetune/<name>`` and list it."""
+    def save_weights(self, name: str, step: int) -> Path:
+        """Save the weights as ``finetune/<name>`` (a LoRA adapter in PEFT format, or the whole
+        model with its tokenizer) and list them in ``checkpoints.json``."""
         state = self._trainable_state_dict()
         target = self.out / name
+        seen = step * self.cfg.finetune.effective_batch
         if self.info.is_main:
             assert state is not None
             tmp = self.out / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if self.method == "full":
+                self._save_model(tmp, state)
+            else:
+                self.engine.module.save_pretrained(str(tmp), state_dict=state,
+                                                   safe_serialization=True)
             (tmp / "finetune.json").write_text(json.dumps(
                 {"step": step, "config_hash": self.cfg.hash, "stage_hash": self.stage_hash,
-                 "base_model": self.model_path}) + "\n")
+                 "base_model": self.model_path, "kind": self.method,
+                 "examples_seen": seen}) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             entries = [c for c in self._read_checkpoints() if c.name != name]
-            entries.append(AdapterCheckpoint(name=name, step=step, path=str(target)))
-            entries.sort(key=lambda c: (c.step, c.name == FINAL_ADAPTER))
+            entries.append(AdapterCheckpoint(name=name, step=step, path=str(target),
+                                             kind=self.method, examples_seen=seen))
+            entries.sort(key=lambda c: (c.step, c.name in FINAL_NAMES))
             self._write_checkpoints(entries)
         torchdist.barrier()
         return target
+
+    def save_adapter(self, name: str, step: int) -> Path:
+        """Kept for callers of the LoRA-only version: :meth:`save_weights`."""
+        return self.save_weights(name, step)
+
+    def _save_model(self, folder: Path, state: dict[str, Any]) -> None:
+        """Write a whole model (float32 weights, config, generation config, tokenizer) that
+        ``AutoModelForCausalLM.from_pretrained`` loads."""
+        import copy
+
+        import torch
+
+        module = self.engine.module
+        config = copy.deepcopy(module.config)
+        config.dtype = torch.float32  # what the saved weights are, whatever trained them
+        config.use_cache = True  # switched off for training only
+        module.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+        config.save_pretrained(str(folder))
+        load_tokenizer(self.model_path, self.cfg.model.revision).save_pretrained(str(folder))
 
     def _read_checkpoints(self) -> list[AdapterCheckpoint]:
         path = self.out / CHECKPOINTS_FILE
@@ -807,7 +1187,10 @@ class LoraFinetuner:
         client_state = {"replandscape": {
             "step": self.state.step, "tokens": self.state.tokens,
             "elapsed_s": self.state.elapsed_s, "last_loss": self.state.last_loss,
-            "val_history": self.state.val_history, "stage_hash": self.stage_hash}}
+            "val_history": self.state.val_history, "stage_hash": self.stage_hash,
+            # JSON text: the checkpoint loads weights-only, which takes plain containers, but
+            # one string is simpler to check than nested dicts of scores
+            "task_history": json.dumps(self.state.task_history)}}
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client_state,
                                     save_latest=False, exclude_frozen_parameters=True)
         save_rng_state(ds_dir / tag / RNG_FILE.format(rank=self.info.rank))
@@ -849,16 +1232,23 @@ class LoraFinetuner:
                                                "val_history"} <= saved.keys():
             raise UserError("the resume checkpoint lacks the run's position",
                             file=str(ds_dir / info.tag), key="run.output_dir", fix=FIX_RESUME)
+        try:
+            task_history = json.loads(saved.get("task_history", "[]"))
+        except (TypeError, ValueError):
+            task_history = None
+        if not isinstance(task_history, list):
+            raise UserError("the resume checkpoint holds a damaged task_history",
+                            file=str(ds_dir / info.tag), key="run.output_dir", fix=FIX_RESUME)
         self.state = _State(step=int(saved["step"]), tokens=int(saved["tokens"]),
                             elapsed_s=float(saved["elapsed_s"]), last_loss=saved["last_loss"],
                             val_history=[(int(s), float(a)) for s, a in saved["val_history"]],
-                            resumed_from_step=int(saved["step"]))
+                            task_history=task_history, resumed_from_step=int(saved["step"]))
         load_rng_state(ds_dir / info.tag / RNG_FILE.format(rank=self.info.rank))
         self._truncate_logs(self.state.step)
         torchdist.print0(f"finetune: resumed from step {self.state.step} ({ds_dir / info.tag})")
 
     def _truncate_logs(self, step: int) -> None:
-        """Forget log lines and adapters listed after ``step`` (work a kill threw away)."""
+        """Forget log lines and checkpoints listed after ``step`` (work a kill threw away)."""
         if self.info.is_main:
             rows = [r for r in read_train_log(self.out / TRAIN_LOG) if r.get("step", 0) <= step
                     and not (step == 0 and r.get("step", 0) == 0)]
@@ -866,7 +1256,7 @@ class LoraFinetuner:
                 write_text_atomic(self.out / TRAIN_LOG,
                                   "".join(json.dumps(r) + "\n" for r in rows))
             entries = [c for c in self._read_checkpoints()
-                       if c.step <= step and c.name != FINAL_ADAPTER]
+                       if c.step <= step and c.name not in FINAL_NAMES]
             if (self.out / CHECKPOINTS_FILE).exists():
                 self._write_checkpoints(entries)
         torchdist.barrier()
@@ -876,6 +1266,10 @@ class LoraFinetuner:
             self.engine.destroy()
         self.engine = None
         self.model = None
+
+
+# the name of the class when it trained LoRA alone (tests and benchmarks patch it by that name)
+LoraFinetuner = Finetuner
 
 
 def check_output_folder(cfg: ExperimentConfig) -> None:
@@ -924,6 +1318,12 @@ def result_complete(path: Path, expected_stage_hash: str | None = None) -> bool:
         return False
     if expected_stage_hash is not None and data.get("stage_hash") != expected_stage_hash:
         return False
+    if data.get("method", "lora") == "full":
+        try:
+            check_model_dir(path.parent / FINAL_MODEL)
+        except UserError:
+            return False
+        return True
     return (path.parent / FINAL_ADAPTER / "adapter_config.json").is_file()
 
 
@@ -943,7 +1343,7 @@ def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
 
 
 def run(cfg: ExperimentConfig) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` with LoRA under DeepSpeed and evaluate it (METHOD.md section 3).
+    """Fine-tune ``cfg.model`` (LoRA or full) under DeepSpeed and evaluate it (docs/method.md §4).
 
     Ranks come from the environment (torchrun, the deepspeed launcher, Slurm tasks, or one
     process). A finished run returns its stored result; an interrupted one resumes. Rank 0 holds
@@ -953,7 +1353,7 @@ def run(cfg: ExperimentConfig) -> FinetuneResult:
     Raises:
         UserError: Bad input, damaged stored state, or another live run on the folder.
     """
-    trainer = LoraFinetuner(cfg)  # refuses bad input before any work
+    trainer = Finetuner(cfg)  # refuses bad input before any work
     done = _finished_result(cfg)
     if done is not None:
         return done

@@ -1,0 +1,226 @@
+"""Running a causal LM on prompts: the last-token capture at named sites, tokens and batches.
+
+Shared by every stage that runs a model on prompts (extraction, patching, knockout): hooks go on the
+Hugging Face modules through the site vocabulary (:mod:`replandscape.sites`), so they run on every
+supported family and under DeepSpeed ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from replandscape.errors import UserError
+
+
+def decoder_parts(model: Any) -> tuple[Any, Sequence[Any], Any, Any]:
+    """(decoder, blocks, final norm, output head) of a causal LM of a supported family."""
+    from replandscape.sites import resolve_sites
+
+    found = resolve_sites(model)
+    return found.decoder, found.blocks, found.final_norm, found.head
+
+
+def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
+    width = max(2, len(str(n_blocks - 1)))
+    names = []
+    for kind in kinds:
+        if kind in ("norm", "logits"):
+            names.append(kind)
+        else:
+            names.extend(f"{kind}.{i:0{width}d}" for i in range(n_blocks))
+    return names
+
+
+class LastTokenCapture:
+    """Forward hooks that keep, per site, only the kept token's vector (or the prompt mean).
+
+    Sites are found through the shared site vocabulary (:mod:`replandscape.sites`), so every
+    supported family is read at the same places that patching and knockout use.
+    """
+
+    def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
+        from replandscape.sites import resolve_sites
+
+        self.root = model
+        self.sites = resolve_sites(model)
+        self.decoder, self.blocks = self.sites.decoder, self.sites.blocks
+        self.norm, self.head = self.sites.final_norm, self.sites.head
+        self.kinds = list(kinds)
+        self.pooling = pooling
+        self.names = site_names(kinds, len(self.blocks))
+        self.out: dict[str, Any] = {}
+        self.positions: Any = None
+        self.mask: Any = None
+        self.last_norm: Any = None
+        self.handles: list[Any] = []
+        # off while a batch is continued by generation: the decoding steps are not prompt sites
+        self.enabled = True
+
+    def _reduce(self, hidden: Any) -> Any:
+        import torch
+
+        if isinstance(hidden, (tuple, list)):
+            hidden = hidden[0]
+        if self.pooling == "mean":
+            m = self.mask.to(hidden.dtype).unsqueeze(-1)
+            summed = torch.where(m > 0, hidden, torch.zeros_like(hidden)).float().sum(1)
+            return summed / self.mask.sum(1, keepdim=True).float()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.positions]
+
+    def _output_hook(self, name: str) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            if self.enabled:
+                self.out[name] = self._reduce(output)
+
+        return hook
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(_module: Any, args: Any, kwargs: Any) -> None:
+            if self.enabled:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.out[name] = self._reduce(hidden)
+
+        return hook
+
+    def _norm_hook(self, _module: Any, _args: Any, output: Any) -> None:
+        import torch
+
+        if not self.enabled:
+            return
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self.last_norm = hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                self.positions]
+        if "norm" in self.kinds:
+            self.out["norm"] = self._reduce(hidden)
+
+    def __enter__(self) -> LastTokenCapture:
+        from replandscape.sites import site_modules
+
+        width = max(2, len(str(len(self.blocks) - 1)))
+        for kind in self.kinds:
+            if kind in ("norm", "logits"):
+                continue
+            for i in range(len(self.blocks)):
+                name = f"{kind}.{i:0{width}d}"
+                module, side = site_modules(self.sites, kind, i)
+                if side == "input":
+                    self.handles.append(module.register_forward_pre_hook(
+                        self._input_hook(name), with_kwargs=True))
+                else:
+                    self.handles.append(module.register_forward_hook(self._output_hook(name)))
+        self.handles.append(self.norm.register_forward_hook(self._norm_hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _head_input_hook(self, _module: Any, args: Any) -> Any:
+        # the head sees only the kept token of each prompt (whatever the padding side), so the
+        # logits of the other positions are never computed
+        return (self.last_norm.unsqueeze(1),) + tuple(args[1:])
+
+    def run(self, input_ids: Any, attention_mask: Any) -> tuple[dict[str, Any], Any]:
+        """One batch: returns (site -> [B, D] tensor, last-token logits [B, V])."""
+        out, logits, _ = self.run_with_cache(input_ids, attention_mask, use_cache=False)
+        return out, logits
+
+    def run_with_cache(self, input_ids: Any, attention_mask: Any,
+                       use_cache: bool) -> tuple[dict[str, Any], Any, Any]:
+        """One batch: (site -> [B, D] tensor, last-token logits [B, V], key/value cache or None).
+
+        The forward goes through the root module (the model DeepSpeed was given), never its
+        decoder or head alone, so ZeRO-3's start- and end-of-forward hooks run on every batch.
+        With ``use_cache`` the cache of the prompt is returned, for generation to continue from.
+        """
+        import torch
+
+        self.out = {}
+        self.mask = attention_mask
+        idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        self.positions = (attention_mask * idx).argmax(1)
+        # explicit positions: left padding must not shift a prompt's positions
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        handle = self.head.register_forward_pre_hook(self._head_input_hook)
+        try:
+            output = self.root(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=use_cache)
+        finally:
+            handle.remove()
+        logits = output.logits[:, -1]
+        if "logits" in self.kinds:
+            self.out["logits"] = logits
+        return self.out, logits, (output.past_key_values if use_cache else None)
+
+
+# --------------------------------------------------------------------------------------------
+# tokens and batches
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], add_bos: bool, context_length: int,
+             ids: Sequence[int], *, shots: int | None = None,
+             reserve: int = 0) -> list[list[int]]:
+    """Token ids of each prompt (BOS first when asked); a prompt that does not fit the model's
+    context (with ``reserve`` tokens left for generation) is one error naming the shot count."""
+    encoded = tokenizer(list(prompts), add_special_tokens=add_bos)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out = []
+    for qid, tokens in zip(ids, encoded):
+        tokens = list(tokens)
+        if add_bos and bos is not None and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        if len(tokens) + reserve > context_length:
+            at = f" at {shots} shots" if shots is not None else ""
+            plus = f" + {reserve} to generate" if reserve else ""
+            raise UserError(f"item {qid}: the prompt{at} has {len(tokens)} tokens{plus}, over the "
+                            f"model's context of {context_length}", key="prompts.shots",
+                            fix="use fewer shots or a model with a longer context")
+        out.append(tokens)
+    return out
+
+
+def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
+                 max_batch_tokens: int) -> list[np.ndarray]:
+    """Length-sorted batches (longest first) under a size and a padded-token budget."""
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for row in order:
+        n = int(lengths[row])
+        width = max(longest, n)
+        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, width = [], n
+        current.append(int(row))
+        longest = width
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+def collate(token_lists: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        t = torch.as_tensor(tokens, dtype=torch.long)
+        if side == "left":
+            ids[i, width - len(t):] = t
+            mask[i, width - len(t):] = 1
+        else:
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
