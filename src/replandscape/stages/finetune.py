@@ -1052,8 +1052,8 @@ class Finetuner:
         same number of batches and of decoding steps (ZeRO-3 forwards are collective)."""
         from tqdm import tqdm
 
-        from replandscape.generation import decode_continuations, greedy_continue
         from replandscape.capture import tokenize
+        from replandscape.generation import decode_continuations, greedy_continue
         from replandscape.tasks.scoring import score_all
 
         cfg = self.cfg
