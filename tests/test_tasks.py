@@ -44,8 +44,10 @@ def items(task: str, variant: str, n: int = N, split: str = "test", seed: int = 
 # --------------------------------------------------------------------------------------------
 
 
-def test_registry_knows_the_six_tasks_and_names_them_on_error() -> None:
-    assert set(TASK_NAMES) == {"expression", "relation", "boolean", "algebra", "code", "parity"}
+def test_registry_knows_every_task_and_names_them_on_error() -> None:
+    # the six implicit-pattern tasks and the two with designed conditions (RSA and probes)
+    assert set(TASK_NAMES) == {"expression", "relation", "boolean", "algebra", "code", "parity",
+                               "regression", "reading"}
     for name in TASK_NAMES:
         spec = get_task(name)
         assert spec.name == name and spec.variants == ("pattern", "misleading")

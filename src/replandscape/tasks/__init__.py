@@ -1,4 +1,5 @@
-"""Generated implicit-pattern tasks (expression, relation, boolean, algebra, code, parity).
+"""Generated tasks: the implicit-pattern tasks (expression, relation, boolean, algebra, code, parity)
+and the tasks with designed conditions for RSA and probes (regression, reading).
 
 Each task has a ``pattern`` variant (a hidden shortcut decides the answer) and a ``misleading``
 one (the surface looks alike but the shortcut does not decide). A task is data: one module in
