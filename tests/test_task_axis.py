@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,70 @@ def test_task_sweep_runs_on_the_local_slurm_cluster(slurm_cluster: object, tmp_p
         results = json.loads((root / f"t-{task}" / "analysis" / "results.json").read_text())
         assert set(results["runs"]) == {f"tiny/{task}/shots0", f"tiny/{task}/shots2"}
     assert (root / "figures" / "icl_vs_ft.md").is_file()
+
+
+@pytest.mark.slow
+def test_generation_on_two_zero3_ranks_equals_one_process(tmp_path: Path) -> None:
+    """Under ZeRO-3 every rank decodes in lock step; the continuations and states equal one
+    process's."""
+    from helpers import launch_ranks
+
+    cfg = task_config(tmp_path, prompts={"shots": [2]})
+    one = cli("run", "extract", str(cfg))
+    assert one.returncode == 0, one.stderr[-2000:]
+    (tmp_path / "out" / "activations" / "shots2.h5").rename(tmp_path / "one.h5")
+    shutil.rmtree(tmp_path / "out" / "activations" / "shots2.parts")  # its shards stay in use
+    procs = launch_ranks(2, ["run", "extract", str(cfg), "extract.writer=shards"])
+    assert all(p.returncode == 0 for p in procs), procs[0].stderr[-2000:]
+    with open_activations(tmp_path / "one.h5") as a, \
+            open_activations(tmp_path / "out" / "activations" / "shots2.h5") as b:
+        assert b.attrs["zero_stage"] == 3 and b.attrs["world_size"] == 2
+        assert list(a.rows("continuation")) == list(b.rows("continuation"))
+        assert list(a.rows("correct")) == list(b.rows("correct"))
+        for name in a.site_names:
+            np.testing.assert_allclose(a.site(name), b.site(name), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_checkpoints_are_extracted_and_match_its_accuracy(tmp_path: Path
+                                                                          ) -> None:
+    cfg = task_config(tmp_path, finetune={"method": "full", "loss": "all", "samples_per_task": 32,
+                                          "effective_batch": 8, "micro_batch": 4, "epochs": 1,
+                                          "lr": 1e-3, "checkpoint_every": 2, "max_seq_len": 96},
+                      extract={"checkpoints": "all"})
+    for stage in ("finetune", "extract-ft", "analyze"):
+        proc = cli("run", stage, str(cfg))
+        assert proc.returncode == 0, (stage, proc.stderr[-3000:])
+    result = json.loads((tmp_path / "out" / "finetune" / "result.json").read_text())
+    acts = sorted(p.name for p in (tmp_path / "out" / "activations").glob("ft-*.h5"))
+    assert "ft-final.h5" in acts and len(acts) >= 3
+    with open_activations(tmp_path / "out" / "activations" / "ft-final.h5") as af:
+        assert af.attrs["method"] == "full" and af.attrs["checkpoint"].endswith("checkpoint-final")
+        assert af.accuracy["micro"] == pytest.approx(result["test_accuracy"], abs=1e-12)
+    runs = json.loads((tmp_path / "out" / "analysis" / "results.json").read_text())["runs"]
+    steps = sorted(r["checkpoint_step"] for r in runs.values() if r["finetuned"])
+    seen = sorted(r["examples_seen"] for r in runs.values() if r["finetuned"])
+    assert seen == [8 * s for s in steps]
+    assert all(r["method"] == "full" for r in runs.values() if r["finetuned"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "targets"), [
+    ("tiny-gpt-neox", ["query_key_value", "dense"]),
+    ("tiny-gpt-neo", ["q_proj", "v_proj", "out_proj"]),
+    ("tiny-qwen2", ["q_proj", "v_proj"]),
+])
+def test_each_family_extracts_generates_and_fine_tunes(tmp_path: Path, family: str,
+                                                       targets: list[str]) -> None:
+    model = {**TINY_MODEL, "path": f"builtin:{family}", "family": "other"}
+    cfg = task_config(tmp_path, model=model, prompts={"shots": [0, 2]},
+                      finetune={"target_modules": targets, "samples_per_task": 32,
+                                "effective_batch": 8, "micro_batch": 4, "epochs": 1,
+                                "max_seq_len": 96, "loss": "all"})
+    for stage in ("extract", "finetune", "extract-ft"):
+        proc = cli("run", stage, str(cfg))
+        assert proc.returncode == 0, (stage, proc.stderr[-3000:])
+    with open_activations(tmp_path / "out" / "activations" / "shots2.h5") as af:
+        assert af.site_names[-2:] == ["norm", "logits"] and len(af.site_names) == 3 + 2
+        assert len(af.rows("continuation")) == af.n_rows == 32
+    assert (tmp_path / "out" / "activations" / "ft-final.h5").is_file()

@@ -27,6 +27,12 @@ STAGE_HELP = {
 }
 
 
+def stages_of(cfg: ExperimentConfig) -> list[str]:
+    """The stages ``run all`` runs for ``cfg``, in order (fine-tuning only when enabled)."""
+    return [s for s in STAGES
+            if not (s in ("finetune", "extract-ft") and not cfg.finetune.enabled)]
+
+
 def run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
     """Run one stage in this process (ranks, if any, come from the environment); with
     ``REPLANDSCAPE_PEAK_MEMORY=DIR`` each rank records its peak memory (:mod:`memprobe`)."""

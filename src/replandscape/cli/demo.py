@@ -2,9 +2,12 @@
 
 Offline, on CPU: the bundled MMLU-shaped data, a tiny Llama built on first use, prompts at
 0/1/2/5 shots, extraction, a short LoRA fine-tune and the extraction of its checkpoints, the
-analysis on 2 MPI ranks, and the figures, all in one output folder. With ``cluster=local-slurm``
-every stage runs as a real Slurm job instead (start the cluster with ``slurm/cluster.sh start``).
-Re-running resumes: finished outputs are kept and skipped.
+analysis on 2 MPI ranks; then the same for an implicit-pattern task (expression, answered by
+generation at 0-8 shots, configs/demo-implicit.yaml) into DIR/implicit-expression; then the
+figures of both in DIR/figures. KEY=VALUE overrides apply to the MMLU part; ``--no-implicit``
+skips the task part. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
+(start the cluster with ``slurm/cluster.sh start``). Re-running resumes: finished outputs are
+kept and skipped.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from replandscape.config import config_root, load_config, save_resolved
+from replandscape.config import ExperimentConfig, config_root, load_config, save_resolved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,34 +25,61 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder")
     parser.add_argument("--config", default=None, help="config file (default configs/demo.yaml)")
+    parser.add_argument("--no-implicit", action="store_true",
+                        help="skip the implicit-pattern task part")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from replandscape.pipeline import run_analyze_mpi, run_stage
+    from replandscape.pipeline import run_analyze_mpi, run_stage, stages_of
 
     config_file = args.config or str(config_root() / "demo.yaml")
     overrides = [f"run.output_dir={args.out}", *args.overrides]
     cfg = load_config(config_file, overrides)
+    parts = [(config_file, overrides, cfg)]
+    if not args.no_implicit:
+        implicit_file = str(config_root() / "demo-implicit.yaml")
+        implicit_overrides = [f"run.output_dir={cfg.output_dir / 'implicit-expression'}",
+                              *[o for o in args.overrides if o.startswith("cluster")]]
+        parts.append((implicit_file, implicit_overrides,
+                      load_config(implicit_file, implicit_overrides)))
     if cfg.cluster.executor == "slurm":
         from replandscape.launch import submit_experiment
 
-        return submit_experiment(config_file, overrides, wait=True)
-    save_resolved(cfg, cfg.output_dir)
+        code = 0
+        for file, part_overrides, _ in parts:
+            code = code or submit_experiment(file, part_overrides, wait=True)
+        return code
     t0 = time.perf_counter()
-    timings = {}
-    for stage in ("extract", "finetune", "extract-ft", "analyze", "figures"):
-        if stage in ("finetune", "extract-ft") and not cfg.finetune.enabled:
-            continue
-        t = time.perf_counter()
-        print(f"== {stage}", file=sys.stderr, flush=True)
-        if stage == "analyze" and cfg.analysis.ranks > 1:
-            run_analyze_mpi(config_file, overrides, cfg.analysis.ranks)
-        else:
-            run_stage(stage, cfg)
-        timings[stage] = time.perf_counter() - t
+    timings: dict[str, float] = {}
+    for file, part_overrides, part in parts:
+        save_resolved(part, part.output_dir)
+        label = "" if part is cfg else f"{part.task.name} "
+        for stage in stages_of(part):
+            if stage == "figures":
+                continue  # drawn once below, from every part's results
+            t = time.perf_counter()
+            print(f"== {label}{stage}", file=sys.stderr, flush=True)
+            if stage == "analyze" and part.analysis.ranks > 1:
+                run_analyze_mpi(file, part_overrides, part.analysis.ranks)
+            else:
+                run_stage(stage, part)
+            timings[label + stage] = time.perf_counter() - t
+    t = time.perf_counter()
+    print("== figures", file=sys.stderr, flush=True)
+    draw_figures(cfg, [p.output_dir / "analysis" / "results.json" for _, _, p in parts])
+    timings["figures"] = time.perf_counter() - t
     total = time.perf_counter() - t0
-    print("\n".join(f"  {k:11s} {v:7.1f} s" for k, v in timings.items()), file=sys.stderr)
+    print("\n".join(f"  {k:22s} {v:7.1f} s" for k, v in timings.items()), file=sys.stderr)
     print(f"demo finished in {total:.0f} s: {cfg.output_dir}/figures/report.md")
     return 0
+
+
+def draw_figures(cfg: ExperimentConfig, results_files: list[Path]) -> None:
+    from replandscape.figures import render_all
+    from replandscape.results import read_results
+
+    files = render_all([read_results(p) for p in results_files], cfg.output_dir / "figures",
+                       what=cfg.figures.what, formats=cfg.figures.formats)
+    print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)
