@@ -5,6 +5,7 @@ model extracted is the one that was evaluated, and ZeRO-3's forward hooks run (d
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,12 +188,12 @@ def test_fine_tuned_extraction_on_two_zero3_ranks_equals_one_process(tmp_path: P
 
     cfg = tiny_config(tmp_path, finetune=FT, data={"source": "builtin:demo-mmlu", "limit": 60})
     assert cli("run", "finetune", str(cfg)).returncode == 0
-    one = cli("run", "extract-ft", str(cfg))
+    shutil.copytree(tmp_path / "out" / "finetune", tmp_path / "one" / "finetune")
+    one = cli("run", "extract-ft", str(cfg), f"run.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
-    (tmp_path / "out" / "activations" / "ft-final.h5").rename(tmp_path / "one.h5")
     procs = launch_ranks(2, ["run", "extract-ft", str(cfg), "extract.writer=shards"])
     assert all(p.returncode == 0 for p in procs), procs[0].stderr[-2000:]
-    with open_activations(tmp_path / "one.h5") as a, \
+    with open_activations(tmp_path / "one" / "activations" / "ft-final.h5") as a, \
             open_activations(tmp_path / "out" / "activations" / "ft-final.h5") as b:
         assert b.attrs["zero_stage"] == 3 and a.attrs["zero_stage"] == 0
         for name in a.site_names:

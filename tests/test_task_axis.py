@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,13 +200,11 @@ def test_generation_on_two_zero3_ranks_equals_one_process(tmp_path: Path) -> Non
     from helpers import launch_ranks
 
     cfg = task_config(tmp_path, prompts={"shots": [2]})
-    one = cli("run", "extract", str(cfg))
+    one = cli("run", "extract", str(cfg), f"run.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
-    (tmp_path / "out" / "activations" / "shots2.h5").rename(tmp_path / "one.h5")
-    shutil.rmtree(tmp_path / "out" / "activations" / "shots2.parts")  # its shards stay in use
     procs = launch_ranks(2, ["run", "extract", str(cfg), "extract.writer=shards"])
     assert all(p.returncode == 0 for p in procs), procs[0].stderr[-2000:]
-    with open_activations(tmp_path / "one.h5") as a, \
+    with open_activations(tmp_path / "one" / "activations" / "shots2.h5") as a, \
             open_activations(tmp_path / "out" / "activations" / "shots2.h5") as b:
         assert b.attrs["zero_stage"] == 3 and b.attrs["world_size"] == 2
         assert list(a.rows("continuation")) == list(b.rows("continuation"))

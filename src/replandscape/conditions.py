@@ -34,6 +34,8 @@ class Condition:
     examples_seen: int | None = None
     # a fully fine-tuned checkpoint: a save_pretrained folder that replaces the base model
     model_path: str | None = None
+    # the fine-tuning stage's last checkpoint (the model its result.json scored)
+    final: bool = False
 
     @property
     def finetuned(self) -> bool:
@@ -79,10 +81,11 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
         if kind == "full":
             conds.append(Condition(name=name, shots=0, model_path=str(path),
                                    checkpoint_step=entry.step, method="full",
-                                   examples_seen=seen))
+                                   examples_seen=seen, final=final))
         else:
             conds.append(Condition(name=name, shots=0, adapter=str(path),
-                                   checkpoint_step=entry.step, method="lora", examples_seen=seen))
+                                   checkpoint_step=entry.step, method="lora", examples_seen=seen,
+                                   final=final))
     if not conds:
         raise UserError("no usable fine-tuned checkpoint listed", file=str(index),
                         fix="re-run the finetune stage")

@@ -16,6 +16,7 @@ Layout (``schema_version`` 2: a run is identified by model, task and condition):
           "model": "demo-llama", "task": "mmlu", "condition": "shots5",   # condition: a name
           "shots": 5, "finetuned": false, "method": "",                   # "", "lora", "full"
           "checkpoint_step": null, "examples_seen": null,                 # fine-tuned runs
+          "final": false,                   # the fine-tuning stage's last checkpoint
           "n_sites": 8, "site_names": [...],
           "label_columns": ["subject", "answer"],    # generated tasks: ["target", "variant"]
           "accuracy": {"micro": 0.4, "macro": 0.38, "n": 300,

@@ -110,14 +110,16 @@ def shots_color(shots: int) -> str:
 
 
 def condition_of(info: Mapping[str, Any], name: str | None = None) -> Condition:
-    """The condition of a run from its ``runs`` entry: ``shots``, ``finetuned``, ``method`` and
-    ``checkpoint_step``. The display name (``info["condition"]``, or ``name``) is never read for
+    """The condition of a run from its ``runs`` entry: ``shots``, ``finetuned``, ``method``,
+    ``checkpoint_step`` and ``final``. The display name (``info["condition"]``, or ``name``) is never read for
     any of these: a run named oddly but with its fields set is drawn where its fields say.
     """
     shots = _int_or_none(info.get("shots"))
     finetuned = info.get("finetuned") is True
     method = str(info.get("method") or "") if finetuned else ""
-    step = _int_or_none(info.get("checkpoint_step")) if finetuned else None
+    # the final checkpoint is drawn as such, whatever step it was saved at
+    step = (_int_or_none(info.get("checkpoint_step"))
+            if finetuned and info.get("final") is not True else None)
     display = str(info.get("condition") or name or "")
     shots_txt = f", {shots}-shot" if shots else ""
     key = (finetuned, method, step, shots if shots is not None else -1)

@@ -176,6 +176,8 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
                 "shots": int(attrs["shots"]), "finetuned": bool(attrs.get("finetuned", False)),
                 "method": str(attrs.get("method", "lora" if attrs.get("finetuned") else "")),
                 "checkpoint_step": None if step < 0 else step,
+                # the fine-tuning stage's last checkpoint (older files: named ft-final)
+                "final": bool(attrs.get("final_checkpoint", condition == "ft-final")),
                 "examples_seen": None if seen < 0 else seen, "n_sites": len(names),
                 "site_names": names, "label_columns": label_columns_of(attrs),
                 "accuracy": accuracy,

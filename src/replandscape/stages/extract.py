@@ -292,6 +292,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 -1 if condition.checkpoint_step is None else condition.checkpoint_step),
             "examples_seen": -1 if condition.examples_seen is None else condition.examples_seen,
             "finetuned": condition.finetuned, "method": condition.method,
+            "final_checkpoint": condition.final,
             "config": cfg.to_yaml(), "config_hash": cfg.hash, "stage_hash": s_hash,
             "code_version": code_version(), "pooling": cfg.extract.pooling,
             "letter_token_ids": letter_ids, "padding_side": cfg.extract.padding_side,
@@ -303,7 +304,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
         if generated:
             header.update(scoring=cfg.task.scoring, max_new_tokens=n_new,
                           generation="greedy, KV cache, left padding")
-        if condition.name == "ft-final":
+        if condition.final:
             # what the fine-tuning stage scored on the same questions: a later reader (status,
             # the report) can tell whether the extracted model is the one that was evaluated
             reference = finetune_test_accuracy(cfg)
