@@ -159,7 +159,7 @@ def test_profiles_one_panel_per_quantity_one_line_per_condition(results: Results
     assert [ax.get_ylabel() for ax in fig.axes] == [
         "intrinsic dimension", "number of peaks", "core-point fraction"]
     for ax in fig.axes:
-        assert ax.get_xlabel() == "relative depth (layer / number of sites)"
+        assert ax.get_xlabel() == "relative depth (blocks passed / (blocks + 1))"
         assert [ln.get_label() for ln in ax.get_lines()] == LABELS
         assert all(len(ln.get_xdata()) == N_SITES for ln in ax.get_lines())
     assert legend_labels(fig) == LABELS

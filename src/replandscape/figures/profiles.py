@@ -22,7 +22,7 @@ from replandscape.figures.data import (
 from replandscape.figures.style import Condition, context, new_figure, suptitle
 from replandscape.results import Results
 
-DEPTH_LABEL = "relative depth (layer / number of sites)"
+DEPTH_LABEL = "relative depth (blocks passed / (blocks + 1))"
 
 # (row key, y-axis label): the three quantities of the profile figure, in panel order.
 PROFILE_QUANTITIES: tuple[tuple[str, str], ...] = (
