@@ -25,7 +25,12 @@ from replandscape.metrics import (
     deduplicate,
     exact_knn,
 )
-from replandscape.metrics.neighbors import duplicate_groups
+from replandscape.metrics.neighbors import (
+    _madvise_switch,
+    _page_size,
+    duplicate_groups,
+    exact_knn_rows,
+)
 
 dadapy = pytest.importorskip("dadapy")
 
@@ -192,6 +197,68 @@ def test_float32_pass_certifies_rows_and_falls_back_when_it_cannot() -> None:
     _, ind = exact_knn(X, 100, strategy="float32", margin=0, info=info)
     np.testing.assert_array_equal(ind, ref_ind)
     assert info["n_fallback_rows"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["float32", "float64"])
+def test_float32_input_and_its_float64_copy_give_bit_identical_neighbours(strategy: str) -> None:
+    # the analysis passes a float32 site on rank 0 and float64 copies on the other ranks of a
+    # split search; the shift, hence every distance, must not depend on the dtype
+    rng = np.random.default_rng(11)
+    X = (rng.normal(size=(700, 96)) * 3.0 + 40.0).astype(np.float32)
+    d32, i32 = exact_knn(X, 80, strategy=strategy)  # type: ignore[arg-type]
+    d64, i64 = exact_knn(X.astype(np.float64), 80, strategy=strategy)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(i32, i64)
+    np.testing.assert_array_equal(d32, d64)
+    rows = np.arange(0, 700, 7)
+    dr, ir = exact_knn_rows(X, rows, 80)
+    np.testing.assert_array_equal(ir, i64[rows])
+    np.testing.assert_array_equal(dr, d64[rows])
+    # huge pages or not, the same numbers
+    dh, ih = exact_knn(X, 80, strategy=strategy, huge_pages=True)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(ih, i64)
+    np.testing.assert_array_equal(dh, d64)
+
+
+def test_page_size_switch_is_restored() -> None:
+    switch = _madvise_switch()
+    if switch is None:
+        pytest.skip("this numpy has no huge-page switch")
+    before = switch(True)
+    try:
+        with _page_size(False):
+            assert switch(False) is False  # off inside (and left off)
+        assert switch(True) is True  # restored on exit
+    finally:
+        switch(before)
+
+
+def test_geometry_of_float32_input_equals_that_of_its_float64_copy() -> None:
+    X, labels = planted_clusters()
+    params = GeometryParams(maxk=100)
+    a = compute_geometry(X.astype(np.float32), {"subject": labels}, params)
+    b = compute_geometry(X.astype(np.float64), {"subject": labels}, params)
+    assert a.id_twonn == b.id_twonn and a.id_gride == b.id_gride
+    np.testing.assert_array_equal(a.assignment, b.assignment)
+    np.testing.assert_array_equal(a.assignment_halo, b.assignment_halo)
+    np.testing.assert_array_equal(a.log_density, b.log_density)
+    assert a.ari == b.ari and a.overlap == b.overlap
+
+
+def test_background_import_leaves_errors_to_the_main_thread() -> None:
+    from replandscape.cli.metrics import _import_in_background
+
+    thread = _import_in_background("replandscape_no_such_module")
+    thread.join(timeout=30)
+    assert not thread.is_alive()  # finished quietly
+    with pytest.raises(ModuleNotFoundError):
+        __import__("replandscape_no_such_module")
+    import sys
+
+    if "wave" in sys.modules:
+        pytest.skip("wave is imported already")
+    thread = _import_in_background("wave")  # a module nothing here imports
+    thread.join(timeout=30)
+    assert "wave" in sys.modules
 
 
 def test_exact_ties_are_ordered_by_index_and_match_sklearn_sets() -> None:

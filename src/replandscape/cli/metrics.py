@@ -14,8 +14,11 @@ same function per site.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from replandscape.errors import UserError
 def register(subparsers: Any) -> None:
     from replandscape.metrics.geometry import GeometryParams
 
-    defaults = GeometryParams()  # METHOD.md's values, in one place
+    defaults = GeometryParams()  # docs/method.md §5 values, in one place
     parser = subparsers.add_parser(
         "metrics",
         help="intrinsic dimension, density peaks, ARI and overlap of one [N, D] .npy array",
@@ -129,11 +132,32 @@ def _parse_labels(specs: list[str]) -> dict[str, np.ndarray]:
     return labels
 
 
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in another thread; a later ``import`` of it in this thread
+    waits for that one to finish (Python's import lock), and reports any error itself."""
+
+    def load() -> None:
+        # an error is raised again by the main thread's own import, with its traceback there
+        with contextlib.suppress(BaseException):
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(args: argparse.Namespace) -> int:
+    import scipy.linalg  # noqa: F401  (the engine's BLAS lookup needs it: imported here first)
+
     from replandscape.allocator import retain_freed_memory
     from replandscape.metrics.geometry import GeometryParams, compute_geometry, params_to_dict
 
+    # Importing dadapy takes seconds (jax, flax, scikit-learn, pandas, matplotlib), and the
+    # estimators need it only once the neighbours are found: it loads while this thread reads
+    # the arrays and searches. Everything this thread imports before then is imported above, so
+    # the two threads never wait on each other's half-imported modules.
     retain_freed_memory()
+    _import_in_background("dadapy")
 
     X = _load_npy(args.array, "X")
     labels = _parse_labels(args.labels)
@@ -170,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(path: Path, write: Callable[[], object], what: str) -> None:
-    """Run ``write``; a failure to write ``path`` is one line naming it."""
+    """Run ``write``; a failure to write ``path`` is one line naming it and what it holds."""
     try:
         write()
+    except UserError as exc:  # the atomic writers name the path and the fix already
+        raise UserError(f"cannot write {what}: {exc}") from exc
     except OSError as exc:
         raise UserError(f"cannot write {what} ({exc.strerror})", file=str(path)) from exc

@@ -5,11 +5,11 @@ where the nearest neighbours come from (``engine``): DADApy's own float64 scikit
 (``"dadapy"``) or :func:`replandscape.metrics.neighbors.exact_knn` (``"fast"``), which returns
 the same neighbours and hands them to ``dadapy.Data(distances=(dist, ind))``.
 
-Steps (METHOD.md section 4): cast to float64, remove exact duplicate rows (the labels follow the
-kept rows), neighbours up to ``maxk``, TwoNN and Gride intrinsic dimension, kNN density at the
-Gride ID of index ``id_scale_index``, Advanced Density Peaks once without halo (peaks, assignment,
-ARI) and once with halo (core fraction), label neighbourhood overlap, optionally the dendrogram of
-the density peaks.
+Steps (docs/method.md §5): remove exact duplicate rows (the labels follow the kept rows; the
+distances are those of the float64 cast), neighbours up to ``maxk``, TwoNN and Gride intrinsic
+dimension, kNN density at the Gride ID of index ``id_scale_index``, Advanced Density Peaks once
+without halo (peaks, assignment, ARI) and once with halo (core fraction), label neighbourhood
+overlap, optionally the dendrogram of the density peaks.
 
 References:
     E. Facco, M. d'Errico, A. Rodriguez, A. Laio. Estimating the intrinsic dimension of datasets
@@ -223,23 +223,25 @@ def _check_input(
         )
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise UserError(f"representations must be numeric, got dtype {X.dtype}", key="X")
-    X64 = np.asarray(X, dtype=np.float64)
-    finite = np.isfinite(X64)
-    if not finite.all():
-        bad = int((~finite.all(axis=1)).sum())
+    # Floats stay in their own precision: the neighbour engine computes in float64 block by
+    # block, and a float64 copy of a whole site (300 MB at N = 9181, D = 4096) would only cost
+    # its allocation, its first touch and its copy. Integers become float64.
+    Xf = X if np.issubdtype(X.dtype, np.floating) else np.asarray(X, dtype=np.float64)
+    if not np.isfinite(Xf).all():
+        bad = int((~np.isfinite(Xf).all(axis=1)).sum())
         raise UserError(
             f"{bad} rows contain NaN or infinite values", key="X", fix="drop or repair those rows"
         )
     checked: dict[str, np.ndarray] = {}
     for name, lab in labels.items():
         arr = np.asarray(lab)
-        if arr.ndim != 1 or arr.shape[0] != X64.shape[0]:
+        if arr.ndim != 1 or arr.shape[0] != Xf.shape[0]:
             raise UserError(
-                f"label array has shape {arr.shape}, expected ({X64.shape[0]},) (one per row)",
+                f"label array has shape {arr.shape}, expected ({Xf.shape[0]},) (one per row)",
                 key=f"labels.{name}",
             )
         checked[name] = arr
-    return X64, checked
+    return Xf, checked
 
 
 def _check_assignment(assignment: np.ndarray, n_clusters: int, what: str) -> None:
@@ -354,18 +356,18 @@ def compute_geometry(
     t_total = time.perf_counter()
     seconds: dict[str, float] = {}
     _check_params(params)
-    X64, raw_labels = _check_input(X, labels)
+    Xf, raw_labels = _check_input(X, labels)
 
     t0 = time.perf_counter()
-    Xu, kept, n_duplicates = deduplicate(X64)
+    Xu, kept, n_duplicates = deduplicate(Xf)
     kept_labels = {name: lab[kept] for name, lab in raw_labels.items()}
     N = Xu.shape[0]
     seconds["deduplicate"] = time.perf_counter() - t0
     if N == 1:
-        raise UserError(f"all {X64.shape[0]} rows are identical", key="X")
+        raise UserError(f"all {Xf.shape[0]} rows are identical", key="X")
     if params.maxk >= N:
         raise UserError(
-            f"{N} distinct points (of {X64.shape[0]}, {n_duplicates} duplicates removed) but the "
+            f"{N} distinct points (of {Xf.shape[0]}, {n_duplicates} duplicates removed) but the "
             f"analysis needs more than maxk = {params.maxk}",
             key="maxk",
             fix="use more points or a smaller maxk",
@@ -377,8 +379,6 @@ def compute_geometry(
         default=1,
     )
 
-    from dadapy import Data  # imported here: importing dadapy takes seconds (it loads jax)
-
     limits = threadpool_limits(limits=params.threads) if params.threads is not None else None
     try:
         t0 = time.perf_counter()
@@ -389,6 +389,10 @@ def compute_geometry(
                 dist, ind = neighbours(Xu, k_search)
             else:
                 dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+            # imported only now: importing dadapy takes seconds (it loads jax), which a caller
+            # may have started in another thread while the search ran (``replandscape metrics``)
+            from dadapy import Data
+
             m = params.maxk + 1
             data = Data(
                 distances=(np.ascontiguousarray(dist[:, :m]), np.ascontiguousarray(ind[:, :m])),
@@ -401,7 +405,9 @@ def compute_geometry(
                 else Data(distances=(dist, ind), maxk=k_search, verbose=False)
             )
         else:
-            data = Data(coordinates=Xu, maxk=params.maxk, verbose=False)
+            from dadapy import Data
+
+            data = Data(coordinates=np.asarray(Xu, dtype=np.float64), maxk=params.maxk, verbose=False)
             data.compute_distances(maxk=params.maxk)
             overlap_data = data  # DADApy searches again itself when the overlap needs more
         seconds["neighbours"] = time.perf_counter() - t0
