@@ -47,6 +47,11 @@ def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None
     assert "demo finished in" in proc.stdout
     for name in ("shots0.h5", "shots5.h5", "ft-final.h5"):
         assert (out / "activations" / name).is_file()
+    # the implicit-pattern part: the expression task answered by generation, fine-tuned, drawn
+    for name in ("shots0.h5", "shots8.h5", "ft-final.h5"):
+        assert (out / "implicit-expression" / "activations" / name).is_file()
+    for name in ("icl_vs_ft_demo-llama.png", "icl_vs_ft.md", "profiles_demo-llama_expression.png"):
+        assert (out / "figures" / name).is_file(), name
     for name in ("profiles_demo-llama_mmlu.png", "profiles_demo-llama_mmlu.pdf", "ari_mmlu_subject.png",
                  "accuracy.md", "accuracy.tex", "report.md"):
         assert (out / "figures" / name).is_file(), name

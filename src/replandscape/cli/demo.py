@@ -4,7 +4,8 @@ Offline, on CPU: the bundled MMLU-shaped data, a tiny Llama built on first use, 
 0/1/2/5 shots, extraction, a short LoRA fine-tune and the extraction of its checkpoints, the
 analysis on 2 MPI ranks; then the same for an implicit-pattern task (expression, answered by
 generation at 0-8 shots, configs/demo-implicit.yaml) into DIR/implicit-expression; then the
-figures of both in DIR/figures. KEY=VALUE overrides apply to the MMLU part; ``--no-implicit``
+figures of both in DIR/figures. KEY=VALUE overrides apply to the MMLU part (``cluster`` and
+``analysis.*`` ones to both); ``--no-implicit``
 skips the task part. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
 (start the cluster with ``slurm/cluster.sh start``). Re-running resumes: finished outputs are
 kept and skipped.
@@ -40,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     parts = [(config_file, overrides, cfg)]
     if not args.no_implicit:
         implicit_file = str(config_root() / "demo-implicit.yaml")
+        # the cluster and the analysis parameters are shared, so both parts are drawn together
         implicit_overrides = [f"run.output_dir={cfg.output_dir / 'implicit-expression'}",
-                              *[o for o in args.overrides if o.startswith("cluster")]]
+                              *[o for o in args.overrides
+                                if o.startswith(("cluster", "analysis."))]]
         parts.append((implicit_file, implicit_overrides,
                       load_config(implicit_file, implicit_overrides)))
     if cfg.cluster.executor == "slurm":
