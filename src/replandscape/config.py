@@ -195,6 +195,29 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class PatchConfig:
+    """Activation patching per condition: which components carry the answer (docs/method.md
+    §7.7). Pairs are a clean prompt and its corrupted twin of equal token length."""
+
+    # "last_token": the last token recomputed over the clean run's cached keys and values (exact,
+    # one batch of single-token queries per block); "full": one full forward per component
+    method: Literal["last_token", "full"] = "last_token"
+    # "noise": corrupted activations into the clean run; "denoise": the reverse
+    direction: Literal["noise", "denoise"] = "noise"
+    # also attribution patching (activation difference x gradient), reported beside the exact
+    attribution: bool = True
+    # base conditions patched: these shot counts (null: every prompts.shots); fine-tuned: the
+    # checkpoints the extraction lists (extract.checkpoints) when finetune.enabled
+    shots: tuple[int, ...] | None = None
+    finetuned: bool = True
+    # pairs per condition (the first ones kept; null: all) and pairs run together
+    limit: int | None = 64
+    pair_batch: int = 4
+    # circuit shift: the top-k components compared between conditions, by absolute effect
+    top_k: int = 10
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """Geometry analysis parameters (docs/method.md §5)."""
 
@@ -264,6 +287,7 @@ class ExperimentConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source_file: str = field(default="", compare=False)

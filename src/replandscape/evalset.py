@@ -96,7 +96,8 @@ def task_folder(cfg: ExperimentConfig) -> Path:
     return folder
 
 
-def _task_items(cfg: ExperimentConfig, split: str) -> list[Any]:
+def task_items(cfg: ExperimentConfig, split: str) -> list[Any]:
+    """The items of a generated task's split, of the variants the run evaluates."""
     from replandscape.tasks.data import load_task_split
 
     items = load_task_split(task_folder(cfg), split)
@@ -122,14 +123,14 @@ def eval_records(cfg: ExperimentConfig, shots: int) -> list[EvalRecord]:
                 for r in build_prompts(questions, pool, shots, cfg.prompts.seed)]
     from replandscape.tasks.prompts import build_task_prompts, shot_pool
 
-    items = _task_items(cfg, cfg.data.eval_split)
+    items = task_items(cfg, cfg.data.eval_split)
     if cfg.data.limit is not None:
         items = items[: cfg.data.limit]
     if not items:
         raise UserError(f"no '{cfg.data.eval_split}' items of the variants "
                         f"{', '.join(cfg.task.variants)}", file=str(task_folder(cfg)),
                         key="task.variants", fix="check the task folder and task.variants")
-    task_pool = shot_pool(_task_items(cfg, cfg.data.shot_split)) if shots else {}
+    task_pool = shot_pool(task_items(cfg, cfg.data.shot_split)) if shots else {}
     return [EvalRecord(r.id, r.variant, r.prompt, -1, r.target,
                        {"target": r.target, "variant": r.variant})
             for r in build_task_prompts(items, task_pool, shots, cfg.prompts.seed)]
@@ -160,7 +161,7 @@ def check_task_against_data(cfg: ExperimentConfig) -> int:
     records = eval_records(cfg, 0)
     need = max(cfg.prompts.shots)
     if need:
-        pool = shot_pool(_task_items(cfg, cfg.data.shot_split))
+        pool = shot_pool(task_items(cfg, cfg.data.shot_split))
         for variant in cfg.task.variants:
             have = len(pool.get((cfg.task.name, variant), ()))
             if have < need:

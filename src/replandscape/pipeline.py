@@ -18,12 +18,15 @@ from replandscape.config import ExperimentConfig
 from replandscape.errors import UserError
 
 STAGES = ("extract", "finetune", "extract-ft", "analyze", "figures")
+# stages run on request only (not by ``run all`` or the demo)
+EXTRA_STAGES = ("patch",)
 STAGE_HELP = {
     "extract": "k-shot prompts -> activations/shots{k}.h5 (DeepSpeed ZeRO-3 across ranks)",
     "finetune": "LoRA fine-tuning -> finetune/adapter-*",
     "extract-ft": "0-shot extraction of the fine-tuned checkpoints -> activations/ft-*.h5",
     "analyze": "geometry of every (run, site) over MPI ranks -> analysis/results.json",
     "figures": "offline figures and report -> figures/",
+    "patch": "activation + attribution patching per condition, circuit shift -> patching/",
 }
 
 
@@ -64,7 +67,12 @@ def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
         return analyze.run(cfg)
     if name == "figures":
         return render_figures(cfg)
-    raise UserError(f"unknown stage '{name}'", key="STAGE", fix=f"use one of {', '.join(STAGES)}")
+    if name == "patch":
+        from replandscape.stages import patch
+
+        return patch.run(cfg)
+    raise UserError(f"unknown stage '{name}'", key="STAGE",
+                    fix=f"use one of {', '.join(STAGES + EXTRA_STAGES)}")
 
 
 def render_figures(cfg: ExperimentConfig) -> list[Path]:

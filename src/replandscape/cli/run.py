@@ -11,15 +11,15 @@ import argparse
 from replandscape.cli.common import add_config_args, load_from_args
 from replandscape.config import save_resolved
 from replandscape.dist import torchdist
-from replandscape.pipeline import STAGE_HELP, STAGES, run_stage
+from replandscape.pipeline import EXTRA_STAGES, STAGE_HELP, STAGES, run_stage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("run", help="run one stage in-process",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="stages:\n" + "\n".join(f"  {k:11s} {v}" for k, v in STAGE_HELP.items()))
-    parser.add_argument("stage", choices=STAGES + ("all",), metavar="STAGE",
-                        help=f"one of {', '.join(STAGES)}, or all")
+    parser.add_argument("stage", choices=STAGES + EXTRA_STAGES + ("all",), metavar="STAGE",
+                        help=f"one of {', '.join(STAGES + EXTRA_STAGES)}, or all")
     add_config_args(parser)
     parser.set_defaults(func=run)
 
