@@ -69,3 +69,19 @@ def test_a_task_without_pairs_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(cli("run", "patch", str(cfg)))
     assert "regression" in line
     assert not list((tmp_path / "out").glob("patching/*.h5"))
+
+
+def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path) -> None:
+    import yaml
+
+    from replandscape.sweep import load_sweep, plan_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {
+        "name": "imp", "output_root": str(tmp_path / "root"),
+        "experiments": [str(_patch_config(tmp_path))], "tasks": ["expression"],
+        "finetune": True, "patch": True}}))
+    jobs = {j.key: j for j in plan_sweep(load_sweep(sweep, ["cluster=local-slurm"]))}
+    patch = jobs["t-expression/patch"]
+    assert set(patch.depends_on) == {"t-expression/extract", "t-expression/finetune"}
+    assert patch.outputs[0].endswith("patching/circuits.json") and not patch.done

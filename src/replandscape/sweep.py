@@ -15,6 +15,7 @@ A sweep file::
       overrides: ["analysis.maxk=500"]    # optional: applied to every experiment
       models: [qwen1.5-0.5b, pythia-1.4b] # optional axis: each experiment once per model file
       tasks: [expression, boolean]        # optional axis: each experiment once per task
+      patch: true                         # optional: a patch job per experiment (circuit shift)
 
 With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
 named ``<run.name>-<model>-<task>``): the task is an axis like the model.
@@ -64,6 +65,8 @@ class SweepSpec:
     overrides: tuple[str, ...] = ()
     models: tuple[str, ...] | None = None
     tasks: tuple[str, ...] | None = None
+    # also patch every condition (replandscape run patch) after extraction and fine-tuning
+    patch: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Sweep:
     output_root: Path
     experiments: list[Experiment]
     source: str
+    patch: bool = False
 
 
 @dataclass
@@ -172,7 +176,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             cfg = load_config(file, extra)
             check_model_fits(cfg, file)
             experiments.append(Experiment(file, tuple(extra), cfg))
-    return Sweep(spec.name, Path(spec.output_root), experiments, str(path))
+    return Sweep(spec.name, Path(spec.output_root), experiments, str(path), patch=spec.patch)
 
 
 def _axis_points(spec: SweepSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -377,6 +381,12 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
                        done=ft_done)
             jobs.append(eft)
             deps.append(eft.key)
+        if sweep.patch:
+            circuits = out / "patching" / "circuits.json"
+            patch_deps = [extract.key] + ([f"{name}/finetune"] if cfg.finetune.enabled else [])
+            jobs.append(_job(cfg, exp, "patch", f"{name}/patch", gpus=cfg.model.gpus,
+                             depends_on=tuple(patch_deps), outputs=(str(circuits),),
+                             done=circuits.is_file()))
         results = out / "analysis" / "results.json"
         an_done = output_complete("analyze", results, cfg) and all(
             results.stat().st_mtime >= Path(o).stat().st_mtime
