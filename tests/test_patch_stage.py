@@ -85,3 +85,24 @@ def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path
     patch = jobs["t-expression/patch"]
     assert set(patch.depends_on) == {"t-expression/extract", "t-expression/finetune"}
     assert patch.outputs[0].endswith("patching/circuits.json") and not patch.done
+
+
+def test_knockout_stage_reports_each_position_set_and_the_scan(tmp_path: Path) -> None:
+    cfg = _patch_config(tmp_path, knockout={"limit": 4, "scan_last": 3})
+    proc = cli("run", "knockout", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "knockout" / "shots2.json").read_text())
+    assert data["kind"] == "replandscape.knockout" and data["shots"] == 2
+    effects = {e["position_set"]: e for e in data["result"]["effects"]}
+    assert set(effects) == {"header_last", "shot_last", "separators"}
+    assert all(e["n"] == 4 and e["window"] == [0, 3] for e in effects.values())
+    assert any(abs(e["delta_logprob"]) > 0 for e in effects.values())
+    scan = data["scan"][0]
+    assert scan["offsets"] == [1, 2, 3] and scan["most"] in scan["offsets"]
+    assert not (tmp_path / "out" / "knockout" / "shots0.json").exists()  # nothing to knock out
+    # a layer window outside the model: one line, nothing written
+    other = _patch_config(tmp_path, knockout={"windows": [[0, 9]]},
+                          run={"name": "t", "output_dir": str(tmp_path / "other")})
+    line = one_line_error(cli("run", "knockout", str(other)))
+    assert "window" in line
+    assert not list((tmp_path / "other").glob("knockout/*.json"))

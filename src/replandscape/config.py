@@ -218,6 +218,25 @@ class PatchConfig:
 
 
 @dataclass(frozen=True)
+class KnockoutConfig:
+    """Attention knockout: which tokens carry the in-context information to the answer
+    (docs/method.md §7.7, the narrow gate)."""
+
+    # position sets whose keys later positions may not read: header_last, shot_last,
+    # separators, header, shots, query, shot.I, separator.I, chars:A-B
+    position_sets: tuple[str, ...] = ("header_last", "shot_last", "separators")
+    # layer windows [start, stop) over decoder blocks; empty: the whole model
+    windows: tuple[tuple[int, ...], ...] = ()
+    # the scan knocks out one position at a time over the last N positions (0: no scan)
+    scan_last: int = 16
+    # base conditions knocked out (null: the shot counts of prompts.shots above 0)
+    shots: tuple[int, ...] | None = None
+    # prompts per condition (the first ones; null: all) and per forward pass
+    limit: int | None = 64
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """Geometry analysis parameters (docs/method.md §5)."""
 
@@ -288,6 +307,7 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
+    knockout: KnockoutConfig = field(default_factory=KnockoutConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source_file: str = field(default="", compare=False)

@@ -19,7 +19,7 @@ from replandscape.errors import UserError
 
 STAGES = ("extract", "finetune", "extract-ft", "analyze", "figures")
 # stages run on request only (not by ``run all`` or the demo)
-EXTRA_STAGES = ("patch",)
+EXTRA_STAGES = ("patch", "knockout")
 STAGE_HELP = {
     "extract": "k-shot prompts -> activations/shots{k}.h5 (DeepSpeed ZeRO-3 across ranks)",
     "finetune": "LoRA fine-tuning -> finetune/adapter-*",
@@ -27,6 +27,7 @@ STAGE_HELP = {
     "analyze": "geometry of every (run, site) over MPI ranks -> analysis/results.json",
     "figures": "offline figures and report -> figures/",
     "patch": "activation + attribution patching per condition, circuit shift -> patching/",
+    "knockout": "attention knockout of position sets and a one-token scan -> knockout/",
 }
 
 
@@ -71,6 +72,10 @@ def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
         from replandscape.stages import patch
 
         return patch.run(cfg)
+    if name == "knockout":
+        from replandscape.stages import knockout
+
+        return knockout.run(cfg)
     raise UserError(f"unknown stage '{name}'", key="STAGE",
                     fix=f"use one of {', '.join(STAGES + EXTRA_STAGES)}")
 
