@@ -53,6 +53,12 @@ def test_patch_stage_writes_effects_and_circuit_shift_and_resumes(tmp_path: Path
     for shift in circuits["shifts"]:
         assert shift["condition_a"] == "shots0" and shift["condition_b"] == "shots2"
         assert 0 <= shift["overlap"] <= 1
+    from replandscape.figures.circuits import render_circuits
+
+    drawn = render_circuits(tmp_path / "out", tmp_path / "figures", ["png"])
+    assert sorted(p.name for p in drawn) == ["circuit_shift_tiny_expression.png",
+                                             "patching_depth_tiny_expression.png",
+                                             "patching_heads_tiny_expression.png"]
     # a kill after some batches: the finished batches are kept, the rest recomputed, same result
     (out / "shots2.h5").unlink()
     batches = sorted((out / "shots2.parts").glob("batch*.npz"))
@@ -100,6 +106,10 @@ def test_knockout_stage_reports_each_position_set_and_the_scan(tmp_path: Path) -
     scan = data["scan"][0]
     assert scan["offsets"] == [1, 2, 3] and scan["most"] in scan["offsets"]
     assert not (tmp_path / "out" / "knockout" / "shots0.json").exists()  # nothing to knock out
+    from replandscape.figures.circuits import render_circuits
+
+    drawn = render_circuits(tmp_path / "out", tmp_path / "figures", ["png"])
+    assert [p.name for p in drawn] == ["knockout_tiny_expression.png"]
     # a layer window outside the model: one line, nothing written
     other = _patch_config(tmp_path, knockout={"windows": [[0, 9]]},
                           run={"name": "t", "output_dir": str(tmp_path / "other")})

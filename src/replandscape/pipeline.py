@@ -82,11 +82,14 @@ def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
 
 def render_figures(cfg: ExperimentConfig) -> list[Path]:
     from replandscape.figures import render_all
+    from replandscape.figures.circuits import render_circuits
     from replandscape.results import read_results
 
     results = read_results(cfg.output_dir / "analysis" / "results.json")
     files = render_all([results], cfg.output_dir / "figures", what=cfg.figures.what,
                        formats=cfg.figures.formats)
+    # the circuit studies' figures, where the patch or knockout stage has run
+    files += render_circuits(cfg.output_dir, cfg.output_dir / "figures", cfg.figures.formats)
     print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)
     return files
 
