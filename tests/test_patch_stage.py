@@ -14,8 +14,8 @@ from helpers import cli, one_line_error
 from test_task_axis import task_config
 
 
-def _patch_config(tmp: Path, **sections: dict) -> Path:
-    return task_config(tmp, prompts={"shots": [0, 2]},
+def _patch_config(tmp: Path, task: str = "expression", **sections: dict) -> Path:
+    return task_config(tmp, task, prompts={"shots": [0, 2]},
                        patch={"limit": 4, "pair_batch": 2, **sections.pop("patch", {})},
                        **sections)
 
@@ -71,9 +71,9 @@ def test_patch_stage_writes_effects_and_circuit_shift_and_resumes(tmp_path: Path
 
 
 def test_a_task_without_pairs_is_one_line(tmp_path: Path) -> None:
-    cfg = _patch_config(tmp_path, task={"name": "regression"})
+    cfg = _patch_config(tmp_path, "regression")
     line = one_line_error(cli("run", "patch", str(cfg)))
-    assert "regression" in line
+    assert "regression" in line and "pair" in line
     assert not list((tmp_path / "out").glob("patching/*.h5"))
 
 

@@ -256,3 +256,56 @@ def test_each_family_extracts_generates_and_fine_tunes(tmp_path: Path, family: s
         assert af.site_names[-2:] == ["norm", "logits"] and len(af.site_names) == 3 + 2
         assert len(af.rows("continuation")) == af.n_rows == 32
     assert (tmp_path / "out" / "activations" / "ft-final.h5").is_file()
+
+
+@pytest.mark.slow
+def test_span_representations_equal_a_direct_pooling(tmp_path: Path) -> None:
+    """Each named span's max- and mean-pooled state, from the tokenizer's offsets; items carry
+    their labels as label.KEY columns."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replandscape.config import ModelConfig
+    from replandscape.evalset import eval_records
+    from replandscape.models import resolve_model_path
+
+    cfg = task_config(tmp_path, "reading", prompts={"shots": [1]},
+                      extract={"sites": ["residual", "norm"], "spans": ["relevant", "distractor"],
+                               "store_dtype": "float32"})
+    proc = cli("run", "extract", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r.id: r for r in eval_records(load_config(cfg), 1)}
+    path = resolve_model_path(ModelConfig(**TINY_MODEL))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with open_activations(tmp_path / "out" / "activations" / "shots1.h5") as af:
+        assert "residual.01@relevant.max" in af.site_names
+        assert "norm@distractor.mean" in af.site_names
+        assert set(af.rows("label.condition")) <= {f"{q},distractor={d}" for q in
+                                                 ("who", "where", "what") for d in (0, 1)}
+        has = af.rows("has_span.distractor")
+        assert has.any() and not has.all()  # the pattern variant has no distractor
+        ids_of_rows = af.rows("question_id")
+        for row in (int(np.flatnonzero(has)[0]), int(np.flatnonzero(~has)[0])):
+            record = records[int(ids_of_rows[row])]
+            assert af.rows("prompt")[row] == record.prompt
+            enc = tok(record.prompt, return_offsets_mapping=True)
+            with torch.inference_mode():
+                hidden = model(input_ids=torch.tensor([enc["input_ids"]]),
+                               output_hidden_states=True).hidden_states[1][0]
+            a, b = record.spans["relevant"]
+            rel = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < b and e > a]
+            assert rel
+            np.testing.assert_allclose(af.site("residual.01@relevant.max")[row],
+                                       hidden[rel].max(0).values.numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(af.site("residual.01@relevant.mean")[row],
+                                       hidden[rel].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+            if not has[row]:
+                assert not af.site("residual.01@distractor.mean")[row].any()
+
+
+def test_a_span_the_task_lacks_is_one_line(tmp_path: Path) -> None:
+    cfg = task_config(tmp_path, extract={"spans": ["relevant"]})
+    line = one_line_error(cli("run", "extract", str(cfg)))
+    assert "task 'expression' declares no span 'relevant'" in line
+    assert not list((tmp_path / "out").glob("activations/*.h5"))

@@ -23,6 +23,31 @@ def decoder_parts(model: Any) -> tuple[Any, Sequence[Any], Any, Any]:
     return found.decoder, found.blocks, found.final_norm, found.head
 
 
+def span_site(site: str, span: str, pool: str) -> str:
+    """The stored name of a span representation: ``SITE@SPAN.POOL``."""
+    return f"{site}@{span}.{pool}"
+
+
+def span_token_masks(tokenizer: Any, prompts: Sequence[str], tokens: Sequence[Sequence[int]],
+                     spans: Sequence[dict[str, tuple[int, int]]],
+                     names: Sequence[str]) -> dict[str, list[list[bool]]]:
+    """Per span name, for each prompt, which of its ``tokens`` overlap the span's characters
+    (from the tokenizer's offsets, so a BOS or padding never shifts them)."""
+    enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+    out: dict[str, list[list[bool]]] = {name: [] for name in names}
+    for toks, offsets, own in zip(tokens, enc["offset_mapping"], spans):
+        lead = len(toks) - len(offsets)  # a BOS (or other prefix) the prompt's tokens start with
+        for name in names:
+            mask = [False] * len(toks)
+            if name in own:
+                a, b = own[name]
+                for j, (start, end) in enumerate(offsets):
+                    if end > start and start < b and end > a and 0 <= lead + j < len(toks):
+                        mask[lead + j] = True
+            out[name].append(mask)
+    return out
+
+
 def site_names(kinds: Sequence[str], n_blocks: int) -> list[str]:
     width = max(2, len(str(n_blocks - 1)))
     names = []
@@ -41,7 +66,8 @@ class LastTokenCapture:
     supported family is read at the same places that patching and knockout use.
     """
 
-    def __init__(self, model: Any, kinds: Sequence[str], pooling: str) -> None:
+    def __init__(self, model: Any, kinds: Sequence[str], pooling: str,
+                 spans: Sequence[str] = (), span_pooling: Sequence[str] = ()) -> None:
         from replandscape.sites import resolve_sites
 
         self.root = model
@@ -51,6 +77,12 @@ class LastTokenCapture:
         self.kinds = list(kinds)
         self.pooling = pooling
         self.names = site_names(kinds, len(self.blocks))
+        # named spans of the prompt pooled at every hidden site (not the logits, which exist for
+        # the kept token only): extra sites SITE@SPAN.POOL
+        self.spans, self.span_pooling = list(spans), list(span_pooling)
+        self.span_masks: dict[str, Any] = {}
+        self.names += [span_site(n, sp, pool) for n in self.names if n != "logits"
+                       for sp in self.spans for pool in self.span_pooling]
         self.out: dict[str, Any] = {}
         self.positions: Any = None
         self.mask: Any = None
@@ -70,10 +102,32 @@ class LastTokenCapture:
             return summed / self.mask.sum(1, keepdim=True).float()
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.positions]
 
+    def _pool_spans(self, name: str, hidden: Any) -> None:
+        """Max- and mean-pool ``hidden`` [B, T, D] over each named span's tokens; a row whose
+        prompt lacks the span gets zeros (and the file records which rows have it)."""
+        import torch
+
+        if isinstance(hidden, (tuple, list)):
+            hidden = hidden[0]
+        for span, mask in self.span_masks.items():
+            m = mask.to(hidden.device).unsqueeze(-1)  # [B, T, 1] bool
+            have = m.any(1)  # [B, 1]
+            for pool in self.span_pooling:
+                if pool == "max":
+                    low = torch.finfo(hidden.dtype).min
+                    value = torch.where(m, hidden, torch.full_like(hidden, low)).amax(1)
+                else:
+                    total = torch.where(m, hidden, torch.zeros_like(hidden)).float().sum(1)
+                    value = total / m.sum(1).clamp(min=1).float()
+                self.out[span_site(name, span, pool)] = torch.where(
+                    have, value.to(hidden.dtype), torch.zeros_like(value).to(hidden.dtype))
+
     def _output_hook(self, name: str) -> Any:
         def hook(_module: Any, _args: Any, output: Any) -> None:
             if self.enabled:
                 self.out[name] = self._reduce(output)
+                if self.span_masks:
+                    self._pool_spans(name, output)
 
         return hook
 
@@ -82,6 +136,8 @@ class LastTokenCapture:
             if self.enabled:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.out[name] = self._reduce(hidden)
+                if self.span_masks:
+                    self._pool_spans(name, hidden)
 
         return hook
 
@@ -95,6 +151,8 @@ class LastTokenCapture:
                                 self.positions]
         if "norm" in self.kinds:
             self.out["norm"] = self._reduce(hidden)
+            if self.span_masks:
+                self._pool_spans("norm", hidden)
 
     def __enter__(self) -> LastTokenCapture:
         from replandscape.sites import site_modules
@@ -129,8 +187,9 @@ class LastTokenCapture:
         out, logits, _ = self.run_with_cache(input_ids, attention_mask, use_cache=False)
         return out, logits
 
-    def run_with_cache(self, input_ids: Any, attention_mask: Any,
-                       use_cache: bool) -> tuple[dict[str, Any], Any, Any]:
+    def run_with_cache(self, input_ids: Any, attention_mask: Any, use_cache: bool,
+                       span_masks: dict[str, Any] | None = None
+                       ) -> tuple[dict[str, Any], Any, Any]:
         """One batch: (site -> [B, D] tensor, last-token logits [B, V], key/value cache or None).
 
         The forward goes through the root module (the model DeepSpeed was given), never its
@@ -141,6 +200,7 @@ class LastTokenCapture:
 
         self.out = {}
         self.mask = attention_mask
+        self.span_masks = span_masks or {}
         idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         self.positions = (attention_mask * idx).argmax(1)
         # explicit positions: left padding must not shift a prompt's positions

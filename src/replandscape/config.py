@@ -141,6 +141,11 @@ class ExtractConfig:
     # own precision: the model the fine-tuning stage evaluated); "merged" adds it into the weights
     # in float32 layer by layer, then casts (faster; updates under half a bf16 step are lost)
     adapter: Literal["unmerged", "merged"] = "unmerged"
+    # generated tasks with named spans (regression: examples, query; reading: relevant,
+    # distractor, question): also keep each span's pooled state at every hidden site, stored as
+    # SITE@SPAN.POOL (a prompt without the span gets zeros, and has_span.SPAN says which)
+    spans: tuple[str, ...] = ()
+    span_pooling: tuple[Literal["max", "mean"], ...] = ("max", "mean")
     # mpio: one shared file through MPI-IO (h5py with MPI, ranks launched by srun/mpiexec);
     # shards: one file per rank joined by virtual datasets; auto: mpio when it can, else shards
     writer: Literal["auto", "mpio", "shards"] = "auto"

@@ -42,6 +42,10 @@ class EvalRecord:
     answer: int
     target: str
     labels: dict[str, str] = field(default_factory=dict)
+    # generated tasks: every label the item carries (stored as label.KEY columns), and its named
+    # spans as character ranges of the prompt (the item is the prompt's last part)
+    item_labels: dict[str, str] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def is_generated(cfg: ExperimentConfig) -> bool:
@@ -131,9 +135,23 @@ def eval_records(cfg: ExperimentConfig, shots: int) -> list[EvalRecord]:
                         f"{', '.join(cfg.task.variants)}", file=str(task_folder(cfg)),
                         key="task.variants", fix="check the task folder and task.variants")
     task_pool = shot_pool(task_items(cfg, cfg.data.shot_split)) if shots else {}
-    return [EvalRecord(r.id, r.variant, r.prompt, -1, r.target,
-                       {"target": r.target, "variant": r.variant})
-            for r in build_task_prompts(items, task_pool, shots, cfg.prompts.seed)]
+    from replandscape.tasks import get_task
+
+    spec = get_task(cfg.task.name, key="task.name")
+    out = []
+    for item, r in zip(items, build_task_prompts(items, task_pool, shots, cfg.prompts.seed)):
+        base = len(r.prompt) - len(spec.query(item))
+        labels, spans = {}, {}
+        for key, value in item.labels.items():
+            if key.startswith("span_"):
+                if isinstance(value, str) and ":" in value:
+                    a, b = (int(v) for v in value.split(":"))
+                    spans[key[len("span_"):]] = (base + a, base + b)
+            else:
+                labels[key] = str(value)
+        out.append(EvalRecord(r.id, r.variant, r.prompt, -1, r.target,
+                              {"target": r.target, "variant": r.variant}, labels, spans))
+    return out
 
 
 def records_digest(records: Sequence[EvalRecord]) -> str:

@@ -198,7 +198,13 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     extra_fields = {**generated_token_fields(n_new), "correct_substring": np.bool_} \
         if generated else {}
     eos = eos_token_ids(loaded.model, tokenizer) if generated else []
-    capture = LastTokenCapture(loaded.model, cfg.extract.sites, cfg.extract.pooling)
+    spans = list(cfg.extract.spans)
+    span_masks: dict[str, list[list[bool]]] = {}
+    if spans:
+        span_masks = check_spans(cfg, records, spans, tokenizer, tokens)
+        extra_fields.update({f"has_span.{name}": np.bool_ for name in spans})
+    capture = LastTokenCapture(loaded.model, cfg.extract.sites, cfg.extract.pooling,
+                               spans=spans, span_pooling=cfg.extract.span_pooling)
     store = _store_dtype(cfg, loaded.dtype)
     head_dim = loaded.model.config.vocab_size
     hidden = loaded.model.config.hidden_size
@@ -238,7 +244,15 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 seqs = [tokens[i] for i in rows] if rows is not None else [tokens[0][:1]]
                 ids, mask = collate(seqs, pad_id, cfg.extract.padding_side)
                 ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-                out, logits, past = capture.run_with_cache(ids, mask, use_cache=generated)
+                batch_spans = None
+                if span_masks:
+                    order: list[int] = [] if rows is None else [int(i) for i in rows]
+                    batch_spans = {name: torch.as_tensor(
+                        _pad_masks([span_masks[name][i] for i in order] or [[False]],
+                                   ids.shape[1], cfg.extract.padding_side), device=ids.device)
+                        for name in spans}
+                out, logits, past = capture.run_with_cache(ids, mask, use_cache=generated,
+                                                           span_masks=batch_spans)
                 new_ids = None
                 if generated:
                     capture.enabled = False  # the decoding steps are not sites of the prompt
@@ -274,6 +288,9 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 else:
                     predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
                     row_values.update(predicted=predicted, correct=predicted == answers[rows])
+                for name in spans:
+                    row_values[f"has_span.{name}"] = np.asarray(
+                        [any(span_masks[name][i]) for i in rows])
                 writer.write(rows, site_values, row_values)
                 if batch_lines:
                     print(f"[extract] rank {info.rank} wrote batch {b + 1}/{len(batches)} "
@@ -321,6 +338,27 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     return final
 
 
+def check_spans(cfg: ExperimentConfig, records: Sequence[EvalRecord], spans: Sequence[str],
+                tokenizer: Any, tokens: Sequence[Sequence[int]]) -> dict[str, list[list[bool]]]:
+    """Token masks of the named spans of every prompt; a span the task never declares is one
+    error naming the task (an item may lack a span its task declares, e.g. no distractor)."""
+    from replandscape.capture import span_token_masks
+
+    declared = sorted({name for r in records for name in r.spans})
+    for name in spans:
+        if name not in declared:
+            raise UserError(f"task '{cfg.task.name}' declares no span '{name}' (its spans: "
+                            f"{', '.join(declared) or 'none'})", key="extract.spans",
+                            fix="list spans the task declares, or none")
+    return span_token_masks(tokenizer, [r.prompt for r in records], tokens,
+                            [r.spans for r in records], spans)
+
+
+def _pad_masks(masks: Sequence[Sequence[bool]], width: int, side: str) -> list[list[bool]]:
+    pad = [[False] * (width - len(m)) for m in masks]
+    return [p + list(m) if side == "left" else list(m) + p for p, m in zip(pad, masks)]
+
+
 def _decoded_rows(records: Sequence[EvalRecord], tokenizer: Any, n_new: int,
                   eos: Sequence[int]) -> Any:
     """Finalisation of a generated task: the continuations as text, the target and label
@@ -338,6 +376,9 @@ def _decoded_rows(records: Sequence[EvalRecord], tokenizer: Any, n_new: int,
         substring = accuracy_summary(groups, np.asarray(numeric["correct_substring"], dtype=bool))
         strings = {"continuation": texts, "target": [r.target for r in records],
                    "variant": [r.labels.get("variant", r.group) for r in records]}
+        # every label the items carry (the RSA conditions and probe targets among them)
+        for key in sorted({k for r in records for k in r.item_labels}):
+            strings[f"label.{key}"] = [r.item_labels.get(key, "") for r in records]
         return strings, {"accuracy_substring": json.dumps(substring)}
 
     return derive
