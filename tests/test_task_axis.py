@@ -309,3 +309,47 @@ def test_a_span_the_task_lacks_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(cli("run", "extract", str(cfg)))
     assert "task 'expression' declares no span 'relevant'" in line
     assert not list((tmp_path / "out").glob("activations/*.h5"))
+
+
+@pytest.mark.slow
+def test_attention_mass_equals_the_models_own_attention_row(tmp_path: Path) -> None:
+    """The kept token's attention to each span, per layer and head, read from its query row only,
+    equals the sum of the model's own (eager) attention weights over the span's tokens."""
+    import h5py
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replandscape.config import ModelConfig
+    from replandscape.evalset import eval_records
+    from replandscape.models import resolve_model_path
+
+    cfg = task_config(tmp_path, "reading", prompts={"shots": [1]},
+                      extract={"attention_spans": ["relevant", "distractor"]})
+    proc = cli("run", "extract", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = eval_records(load_config(cfg), 1)
+    path = resolve_model_path(ModelConfig(**TINY_MODEL))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with h5py.File(tmp_path / "out" / "attention" / "shots1.h5", "r") as fh:
+        assert fh.attrs["kind"] == "replandscape.attention"
+        assert "sites" not in fh  # never read by the geometry analysis
+        qids = list(fh["rows/question_id"][:])
+        relevant, distractor = fh["mass/relevant"][:], fh["mass/distractor"][:]
+    assert relevant.shape == (len(records), 3, 4)  # rows x layers x heads
+    for record in records[:3] + [r for r in records if "distractor" in r.spans][:2]:
+        row = qids.index(record.id)
+        enc = tok(record.prompt, return_offsets_mapping=True)
+        with torch.inference_mode():
+            att = model(input_ids=torch.tensor([enc["input_ids"]]),
+                        output_attentions=True).attentions  # per layer [1, H, T, T]
+        for span, stored in (("relevant", relevant), ("distractor", distractor)):
+            if span not in record.spans:
+                assert not stored[row].any()
+                continue
+            a, b = record.spans[span]
+            tokens = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < b
+                      and e > a]
+            direct = np.stack([layer[0, :, -1, tokens].sum(-1).numpy() for layer in att])
+            np.testing.assert_allclose(stored[row], direct, rtol=1e-4, atol=1e-6)

@@ -109,8 +109,8 @@ class LastTokenCapture:
 
         if isinstance(hidden, (tuple, list)):
             hidden = hidden[0]
-        for span, mask in self.span_masks.items():
-            m = mask.to(hidden.device).unsqueeze(-1)  # [B, T, 1] bool
+        for span in self.spans:
+            m = self.span_masks[span].to(hidden.device).unsqueeze(-1)  # [B, T, 1] bool
             have = m.any(1)  # [B, 1]
             for pool in self.span_pooling:
                 if pool == "max":
@@ -126,7 +126,7 @@ class LastTokenCapture:
         def hook(_module: Any, _args: Any, output: Any) -> None:
             if self.enabled:
                 self.out[name] = self._reduce(output)
-                if self.span_masks:
+                if self.spans:
                     self._pool_spans(name, output)
 
         return hook
@@ -136,7 +136,7 @@ class LastTokenCapture:
             if self.enabled:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.out[name] = self._reduce(hidden)
-                if self.span_masks:
+                if self.spans:
                     self._pool_spans(name, hidden)
 
         return hook
@@ -151,7 +151,7 @@ class LastTokenCapture:
                                 self.positions]
         if "norm" in self.kinds:
             self.out["norm"] = self._reduce(hidden)
-            if self.span_masks:
+            if self.spans:
                 self._pool_spans("norm", hidden)
 
     def __enter__(self) -> LastTokenCapture:
@@ -284,3 +284,98 @@ def collate(token_lists: Sequence[Sequence[int]], pad_id: int, side: str) -> tup
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
+
+
+class AttentionMass:
+    """The attention the kept (last) token pays to named spans of its prompt, per layer and
+    head, read during the forward pass without materialising any layer's attention matrix: only
+    the kept token's query row is formed (its query against every key, RoPE applied as the model
+    does, grouped-query heads expanded), softmaxed over the real tokens, and summed over each span.
+
+    Llama-family attention only (Llama, Mistral, Qwen2: ``q_proj``/``k_proj`` and rotary
+    position embeddings handed to the attention module); other families are refused in one line.
+    """
+
+    FAMILIES = ("llama", "mistral", "qwen2")
+
+    def __init__(self, capture: LastTokenCapture, spans: Sequence[str]) -> None:
+        if capture.sites.family not in self.FAMILIES:
+            raise UserError(f"attention masses are read for {', '.join(self.FAMILIES)} models, "
+                            f"not {capture.sites.model_type}", key="extract.attention_spans",
+                            fix="leave extract.attention_spans empty for this model")
+        self.capture = capture
+        self.spans = list(spans)
+        self.handles: list[Any] = []
+        self.q: dict[int, Any] = {}
+        self.k: dict[int, Any] = {}
+        self.rope: dict[int, Any] = {}
+        self.mass: dict[str, dict[int, Any]] = {}
+
+    def __enter__(self) -> AttentionMass:
+        for i, b in enumerate(self.capture.sites.block_sites):
+            attn = b.attention
+            self.handles.append(attn.q_proj.register_forward_hook(self._keep(self.q, i)))
+            self.handles.append(attn.k_proj.register_forward_hook(self._keep(self.k, i)))
+            self.handles.append(attn.register_forward_pre_hook(self._rope(i), with_kwargs=True))
+            self.handles.append(attn.register_forward_hook(self._compute(i, attn)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _keep(self, store: dict[int, Any], i: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            if self.capture.enabled and self.capture.span_masks:
+                store[i] = output
+
+        return hook
+
+    def _rope(self, i: int) -> Any:
+        def hook(_module: Any, args: Any, kwargs: Any) -> None:
+            if self.capture.enabled and self.capture.span_masks:
+                self.rope[i] = kwargs.get("position_embeddings") or (
+                    args[1] if len(args) > 1 else None)
+
+        return hook
+
+    def _compute(self, i: int, attn: Any) -> Any:
+        def hook(_module: Any, _args: Any, _output: Any) -> None:
+            import sys
+
+            import torch
+
+            cap = self.capture
+            if not (cap.enabled and cap.span_masks) or i not in self.q:
+                return
+            q, k, (cos, sin) = self.q.pop(i), self.k.pop(i), self.rope.pop(i)
+            b, t, _ = k.shape
+            d = attn.head_dim
+            rows = torch.arange(b, device=q.device)
+            pos = cap.positions
+            qh = q[rows, pos].view(b, -1, d).unsqueeze(2)  # [B, H, 1, d]
+            kh = k.view(b, t, -1, d).transpose(1, 2)  # [B, Hkv, T, d]
+            rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            qh, _ = rotate(qh, qh, cos[rows, pos].unsqueeze(1), sin[rows, pos].unsqueeze(1))
+            kh, _ = rotate(kh, kh, cos, sin)
+            groups = qh.shape[1] // kh.shape[1]
+            kh = kh.repeat_interleave(groups, dim=1)  # grouped-query heads share their keys
+            scores = (qh.float() @ kh.float().transpose(-1, -2)).squeeze(2) * float(attn.scaling)
+            keep = cap.mask.bool()[:, None, :] & (
+                torch.arange(t, device=q.device)[None, None, :] <= pos[:, None, None])
+            weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)  # [B,H,T]
+            for span in self.spans:
+                m = cap.span_masks[span].to(weights.device)[:, None, :]
+                self.mass.setdefault(span, {})[i] = (weights * m).sum(-1)  # [B, H]
+
+        return hook
+
+    def take(self) -> dict[str, Any]:
+        """Per span, the masses of the last batch: [B, L, H] (float32 tensors)."""
+        import torch
+
+        out = {span: torch.stack([by_layer[i] for i in sorted(by_layer)], dim=1)
+               for span, by_layer in self.mass.items()}
+        self.mass = {}
+        return out

@@ -146,6 +146,9 @@ class ExtractConfig:
     # SITE@SPAN.POOL (a prompt without the span gets zeros, and has_span.SPAN says which)
     spans: tuple[str, ...] = ()
     span_pooling: tuple[Literal["max", "mean"], ...] = ("max", "mean")
+    # named spans whose attention mass from the kept token is read, per layer and head (the
+    # kept token's query row only): attention/CONDITION.h5, mass/SPAN [N, L, H]
+    attention_spans: tuple[str, ...] = ()
     # mpio: one shared file through MPI-IO (h5py with MPI, ranks launched by srun/mpiexec);
     # shards: one file per rank joined by virtual datasets; auto: mpio when it can, else shards
     writer: Literal["auto", "mpio", "shards"] = "auto"

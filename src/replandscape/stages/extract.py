@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from replandscape.atomic import write_npz_atomic
 from replandscape.capture import (
+    AttentionMass,
     LastTokenCapture,
     collate,
     plan_batches,
@@ -199,12 +201,16 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
         if generated else {}
     eos = eos_token_ids(loaded.model, tokenizer) if generated else []
     spans = list(cfg.extract.spans)
+    att_spans = list(cfg.extract.attention_spans)
+    masked = sorted(set(spans) | set(att_spans))
     span_masks: dict[str, list[list[bool]]] = {}
-    if spans:
-        span_masks = check_spans(cfg, records, spans, tokenizer, tokens)
-        extra_fields.update({f"has_span.{name}": np.bool_ for name in spans})
+    if masked:
+        span_masks = check_spans(cfg, records, masked, tokenizer, tokens)
+        extra_fields.update({f"has_span.{name}": np.bool_ for name in masked})
     capture = LastTokenCapture(loaded.model, cfg.extract.sites, cfg.extract.pooling,
                                spans=spans, span_pooling=cfg.extract.span_pooling)
+    attention = AttentionMass(capture, att_spans) if att_spans else None
+    att_dir = out_dir / f"{condition.name}.attention"
     store = _store_dtype(cfg, loaded.dtype)
     head_dim = loaded.model.config.vocab_size
     hidden = loaded.model.config.hidden_size
@@ -238,7 +244,8 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     targets = [r.target for r in records]
     batch_lines = os.environ.get("REPLANDSCAPE_BATCH_LINES") == "1"
     try:
-        with capture, torch.inference_mode():
+        with capture, torch.inference_mode(), (
+                attention if attention is not None else contextlib.nullcontext()):
             for b in range(n_batches):
                 rows = batches[b] if b < len(batches) else None
                 seqs = [tokens[i] for i in rows] if rows is not None else [tokens[0][:1]]
@@ -250,7 +257,7 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                     batch_spans = {name: torch.as_tensor(
                         _pad_masks([span_masks[name][i] for i in order] or [[False]],
                                    ids.shape[1], cfg.extract.padding_side), device=ids.device)
-                        for name in spans}
+                        for name in masked}
                 out, logits, past = capture.run_with_cache(ids, mask, use_cache=generated,
                                                            span_masks=batch_spans)
                 new_ids = None
@@ -288,9 +295,14 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
                 else:
                     predicted = logits[:, letters].float().argmax(-1).cpu().numpy()
                     row_values.update(predicted=predicted, correct=predicted == answers[rows])
-                for name in spans:
+                for name in masked:
                     row_values[f"has_span.{name}"] = np.asarray(
                         [any(span_masks[name][i]) for i in rows])
+                if attention is not None:
+                    # saved before the rows are marked done: a resumed run never lacks them
+                    masses = {f"mass/{k}": v.cpu().numpy() for k, v in attention.take().items()}
+                    write_npz_atomic(att_dir / f"rows{int(rows.min()):07d}.npz",
+                                     {"rows": np.asarray(rows), **masses})
                 writer.write(rows, site_values, row_values)
                 if batch_lines:
                     print(f"[extract] rank {info.rank} wrote batch {b + 1}/{len(batches)} "
@@ -328,6 +340,8 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
             header["finetune_test_accuracy"] = -1.0 if reference is None else reference
         groups, prompts = [r.group for r in records], [r.prompt for r in records]
         derive = _decoded_rows(records, tokenizer, n_new, eos) if generated else None
+        if att_spans:
+            write_attention(cfg, condition, records, att_spans, att_dir, header)
         if comm is not None:
             finalize_mpio(final, specs, header, groups, prompts, extra_fields=extra_fields,
                           derive=derive)
@@ -352,6 +366,46 @@ def check_spans(cfg: ExperimentConfig, records: Sequence[EvalRecord], spans: Seq
                             fix="list spans the task declares, or none")
     return span_token_masks(tokenizer, [r.prompt for r in records], tokens,
                             [r.spans for r in records], spans)
+
+
+def write_attention(cfg: ExperimentConfig, condition: Condition, records: Sequence[EvalRecord],
+                    spans: Sequence[str], parts: Path, header: Mapping[str, Any]) -> Path:
+    """Join the ranks' attention masses into ``attention/CONDITION.h5`` (its own kind, never
+    under ``/sites``): ``mass/SPAN`` [N, L, H] per row of the activation file, atomically."""
+    import h5py
+
+    masses: dict[str, np.ndarray] = {}
+    seen = np.zeros(len(records), dtype=bool)
+    for path in sorted(parts.glob("rows*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            rows = z["rows"]
+            for span in spans:
+                block = z[f"mass/{span}"]
+                if span not in masses:
+                    masses[span] = np.full((len(records), *block.shape[1:]), np.nan,
+                                           dtype=np.float32)
+                masses[span][rows] = block
+            seen[rows] = True
+    if not seen.all():
+        raise UserError(f"attention masses of {int((~seen).sum())} rows are missing",
+                        file=str(parts), fix="delete the condition's outputs and re-run it")
+    out = ensure_dir(cfg.output_dir / "attention") / f"{condition.name}.h5"
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as fh:
+        for span, value in masses.items():
+            fh.create_dataset(f"mass/{span}", data=value)
+        fh.create_dataset("rows/question_id", data=np.asarray([r.id for r in records]))
+        fh.create_dataset("rows/has_span", data=np.asarray(
+            [[name in r.spans for name in spans] for r in records]))
+        keep = ("task", "model_name", "condition", "shots", "finetuned", "method",
+                "checkpoint_step", "stage_hash", "code_version")
+        for key in keep:
+            if key in header:
+                fh.attrs[key] = header[key]
+        fh.attrs.update(kind="replandscape.attention", schema_version=1,
+                        spans=json.dumps(list(spans)))
+    tmp.replace(out)
+    return out
 
 
 def _pad_masks(masks: Sequence[Sequence[bool]], width: int, side: str) -> list[list[bool]]:
