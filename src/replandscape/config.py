@@ -270,6 +270,27 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class RsaConfig:
+    """Similarity analysis and probes of every (run, site) against the task's hypotheses
+    (docs/method.md, "Similarity, probes, attention"); the ``rsa`` stage."""
+
+    # "condition": one row per condition (the mean of its items); "item": one row per item
+    level: Literal["condition", "item"] = "condition"
+    n_permutations: int = 1000
+    seed: int = 0
+    # standardise every dimension over the items before averaging
+    zscore: bool = True
+    # labels probed (null: the task's own, regression: slope, intercept; reading:
+    # question_type, distractor); a label of numbers with more than 2 values is probed by ridge
+    # regression, any other by logistic regression
+    probe_labels: tuple[str, ...] | None = None
+    folds: int = 5
+    # site indices into the files' site names (span sites included; null: every site)
+    sites: tuple[int, ...] | None = None
+    threads_per_rank: int | None = None
+
+
+@dataclass(frozen=True)
 class FiguresConfig:
     """Which figures to draw, in which formats."""
 
@@ -316,6 +337,7 @@ class ExperimentConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     knockout: KnockoutConfig = field(default_factory=KnockoutConfig)
+    rsa: RsaConfig = field(default_factory=RsaConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source_file: str = field(default="", compare=False)

@@ -19,7 +19,7 @@ from replandscape.errors import UserError
 
 STAGES = ("extract", "finetune", "extract-ft", "analyze", "figures")
 # stages run on request only (not by ``run all`` or the demo)
-EXTRA_STAGES = ("patch", "knockout")
+EXTRA_STAGES = ("patch", "knockout", "rsa")
 STAGE_HELP = {
     "extract": "k-shot prompts -> activations/shots{k}.h5 (DeepSpeed ZeRO-3 across ranks)",
     "finetune": "LoRA fine-tuning -> finetune/adapter-*",
@@ -28,6 +28,8 @@ STAGE_HELP = {
     "figures": "offline figures and report -> figures/",
     "patch": "activation + attribution patching per condition, circuit shift -> patching/",
     "knockout": "attention knockout of position sets and a one-token scan -> knockout/",
+    "rsa": "similarity to task hypotheses and probes of every (run, site) over MPI ranks -> "
+           "rsa/results.json",
 }
 
 
@@ -76,6 +78,10 @@ def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
         from replandscape.stages import knockout
 
         return knockout.run(cfg)
+    if name == "rsa":
+        from replandscape.stages import rsa
+
+        return rsa.run(cfg)
     raise UserError(f"unknown stage '{name}'", key="STAGE",
                     fix=f"use one of {', '.join(STAGES + EXTRA_STAGES)}")
 

@@ -1,0 +1,483 @@
+"""RSA and probes of every (run, site), spread over MPI ranks, gathered into one file.
+
+Serial (``replandscape run rsa CONFIG``) or under ``mpiexec``/``srun --mpi=pmix``, scheduled like
+the geometry analysis (:mod:`replandscape.stages.analyze`): one task is one site (span sites
+``SITE@SPAN.POOL`` included) of one activation file whose task declares hypotheses; ranks take
+tasks dynamically and write one JSON per task atomically, so a re-run skips finished tasks (same
+parameters, same input file). Rank 0 gathers the task files into ``rsa/results.json``:
+
+* ``rows``: per (run, site), the alignment (Spearman) of the site's similarity matrix with each
+  hypothesis, its permutation p-value, the per-condition alignment, and the probes of the task's
+  labels with their control task and selectivity;
+* ``icl``: per model, task, shot count k > 0, hypothesis and site, the change of alignment from the
+  0-shot run to the k-shot run, the per-condition accuracy gain and, per site, the correlation
+  between the gain and the change of each condition's alignment
+  (:func:`replandscape.metrics.rsa.alignment_gain_correlation`).
+
+Items come from the row columns ``label.KEY`` the extraction stores for generated tasks; a span site
+keeps only the items that have the span (``has_span.SPAN``). The metrics are pure functions
+(:mod:`replandscape.metrics.rsa`, :mod:`replandscape.metrics.probes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replandscape import __version__
+from replandscape.atomic import write_text_atomic
+from replandscape.config import ExperimentConfig, RsaConfig
+from replandscape.dist import mpi
+from replandscape.errors import UserError
+from replandscape.lock import stage_lock
+from replandscape.progress import progress as make_progress
+from replandscape.results import n_blocks_from_sites, params_hash, site_depths
+
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+RESULTS_KIND = "replandscape.rsa-results"
+RESULTS_SCHEMA_VERSION = 1
+LABEL_PREFIX = "label."
+#: The labels probed when ``rsa.probe_labels`` is null, per task.
+DEFAULT_PROBE_LABELS: dict[str, tuple[str, ...]] = {
+    "regression": ("slope", "intercept"),
+    "reading": ("question_type", "distractor"),
+}
+_SPAN_SITE = re.compile(r"^(?P<base>[^@]+)@(?P<span>[^.]+)\.(?P<pool>\w+)$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One site of one activation file."""
+
+    run: str
+    task: str
+    path: str
+    site: str
+    site_index: int
+    relative_depth: float
+    input_id: str
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.run}__{self.site}")
+
+
+def rsa_params(cfg: RsaConfig) -> dict[str, Any]:
+    """What changes the numbers (not which sites, nor how many threads computed them)."""
+    d = dataclasses.asdict(cfg)
+    for key in ("sites", "threads_per_rank"):
+        d.pop(key, None)
+    return d
+
+
+def split_site(name: str) -> tuple[str, str | None, str | None]:
+    """``(base site, span, pooling)`` of a site name; span and pooling None for a plain site."""
+    m = _SPAN_SITE.match(name)
+    if m is None:
+        return name, None, None
+    return m["base"], m["span"], m["pool"]
+
+
+def depths_of(names: Sequence[str], n_blocks: int | None) -> list[float]:
+    """Relative depth of every site; a span site takes the depth of the site it pools."""
+    bases = list(dict.fromkeys(split_site(n)[0] for n in names))
+    depth = dict(zip(bases, site_depths(bases, n_blocks_from_sites(bases) or n_blocks)))
+    return [depth[split_site(n)[0]] for n in names]
+
+
+def _has_hypotheses(task: str) -> bool:
+    from replandscape.metrics.rsa import task_hypotheses
+
+    try:
+        task_hypotheses(task)
+    except UserError:
+        return False
+    return True
+
+
+def condition_accuracy(conditions: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """Accuracy of the items of each condition."""
+    conditions = np.asarray([str(c) for c in conditions])
+    correct = np.asarray(correct, dtype=bool)
+    return {str(c): float(correct[conditions == c].mean()) for c in sorted(set(conditions))}
+
+
+def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task], dict[str, Any]]:
+    """Tasks for every site of every file whose task declares hypotheses, and per-run metadata
+    (provenance, per-condition accuracy); files of other tasks are skipped with one line each."""
+    from replandscape.stages.analyze import input_id, n_blocks_of
+    from replandscape.storage import open_activations
+
+    tasks: list[Task] = []
+    runs: dict[str, Any] = {}
+    wanted = cfg.rsa.sites
+    for path in files:
+        with open_activations(path) as af:
+            attrs = af.attrs
+            task_name = str(attrs.get("task", "mmlu"))
+            if not _has_hypotheses(task_name):
+                print(f"[rsa] skipping {path}: task '{task_name}' declares no hypotheses",
+                      file=sys.stderr, flush=True)
+                continue
+            condition = str(attrs["condition"])
+            run = f"{attrs['model_name']}/{task_name}/{condition}"
+            names = af.site_names
+            if wanted is not None:
+                bad = [s for s in wanted if not -len(names) <= s < len(names)]
+                if bad:
+                    raise UserError(f"site index {bad[0]} does not exist ({path.name} holds "
+                                    f"{len(names)} sites)", key="rsa.sites",
+                                    fix=f"use indices 0..{len(names) - 1} (or negative from "
+                                        "the end)")
+            identity = input_id(path, attrs)
+            depths = depths_of(names, n_blocks_of(attrs))
+            accuracy = condition_accuracy(af.rows(LABEL_PREFIX + "condition"),
+                                          af.rows("correct"))
+            runs[run] = {
+                "model": str(attrs["model_name"]), "task": task_name, "condition": condition,
+                "shots": int(attrs["shots"]), "finetuned": bool(attrs.get("finetuned", False)),
+                "site_names": names, "condition_accuracy": accuracy,
+                "accuracy": float(np.mean(af.rows("correct"))) if af.n_rows else None,
+                "provenance": {"activations": str(path), "config_hash": attrs.get("config_hash"),
+                               "model_path": attrs.get("model_path"),
+                               "code_version": attrs.get("code_version"),
+                               "n_rows": int(attrs["n_rows"]), "input_id": identity},
+            }
+        for i, name in enumerate(names):
+            if wanted is not None and i not in wanted and (i - len(names)) not in wanted:
+                continue
+            tasks.append(Task(run, task_name, str(path), name, i, depths[i], identity))
+    return tasks, runs
+
+
+# --------------------------------------------------------------------------------------------
+# one task
+# --------------------------------------------------------------------------------------------
+
+
+def _numeric(values: np.ndarray) -> np.ndarray | None:
+    try:
+        return np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def probe_kind(values: np.ndarray) -> str:
+    """``regression`` for a label of numbers with more than 2 distinct values, else
+    ``classification`` (a 0/1 flag is a class, a slope is a number)."""
+    numbers = _numeric(values)
+    if numbers is not None and len(np.unique(numbers)) > 2:
+        return "regression"
+    return "classification"
+
+
+def load_task(task: Task, probe_labels: Sequence[str]
+              ) -> tuple[np.ndarray, list[dict[str, str]], dict[str, np.ndarray]]:
+    """The ``[n, D]`` array of the task's site, each item's labels (``label.`` stripped), and the
+    probed label columns; a span site keeps the items that have the span."""
+    from replandscape.storage import open_activations
+
+    _, span, _ = split_site(task.site)
+    with open_activations(task.path) as af:
+        fields = af.row_fields
+        keep = np.ones(af.n_rows, dtype=bool)
+        if span is not None and f"has_span.{span}" in fields:
+            keep = np.asarray(af.rows(f"has_span.{span}"), dtype=bool)
+        rows = np.flatnonzero(keep)
+        columns = {f[len(LABEL_PREFIX):]: af.rows(f)[rows] for f in fields
+                   if f.startswith(LABEL_PREFIX)}
+        if "condition" not in columns:
+            af.rows(LABEL_PREFIX + "condition")  # the one-line error naming the file
+        missing = [name for name in probe_labels if name not in columns]
+        if missing:
+            raise UserError(f"no label '{missing[0]}' to probe (the file's labels: "
+                            f"{', '.join(sorted(columns)) or 'none'})", file=task.path,
+                            key="rsa.probe_labels", fix="probe labels the task stores")
+        x = af.site(task.site, rows)
+    labels = [{k: str(v[i]) for k, v in columns.items()} for i in range(len(rows))]
+    return x, labels, {name: columns[name] for name in probe_labels}
+
+
+def _hypotheses(task: Task, labels: Sequence[Mapping[str, str]], level: str
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The task's hypothesis matrices over these items, and the hypotheses left out with their
+    reason (one that is the same for every pair of these rows predicts nothing here, e.g. the
+    question type over the items that all have a distractor of one type)."""
+    from replandscape.metrics.rsa import hypothesis_matrices, task_hypotheses, upper_triangle
+
+    pairs = task_hypotheses(task.task)
+    try:
+        _, matrices = hypothesis_matrices(pairs, labels, level=level, task=task.task)
+    except KeyError as exc:
+        raise UserError(f"task '{task.task}': a hypothesis reads label {exc}, which the file "
+                        "does not store", file=task.path, key=f"rows/{LABEL_PREFIX}{exc.args[0]}",
+                        fix="re-run the extraction with this version") from None
+    kept, left = {}, {}
+    for name, m in matrices.items():
+        tri = upper_triangle(m)
+        if len(tri) and np.all(np.isfinite(tri)) and np.ptp(tri) == 0:
+            left[name] = "the same for every pair of rows"
+        else:
+            kept[name] = m
+    return kept, left
+
+
+def run_task(task: Task, cfg: ExperimentConfig, probe_labels: Sequence[str],
+             threads: int) -> dict[str, Any]:
+    """RSA against every hypothesis and every probe of one site; the task's results row."""
+    from threadpoolctl import threadpool_limits
+
+    from replandscape.metrics.probes import ProbeParams, probe
+    from replandscape.metrics.rsa import RSAParams, rsa
+
+    t0 = time.perf_counter()
+    p = cfg.rsa
+    x, labels, columns = load_task(task, probe_labels)
+    base, span, pool = split_site(task.site)
+    conditions = [lab["condition"] for lab in labels]
+    row: dict[str, Any] = {"run": task.run, "site": task.site, "site_index": task.site_index,
+                           "base_site": base, "span": span, "pooling": pool,
+                           "relative_depth": task.relative_depth, "n_items": len(labels),
+                           "n_conditions": len(set(conditions))}
+    matrices, left = _hypotheses(task, labels, p.level)
+    n_rows = len(set(conditions)) if p.level == "condition" else len(labels)
+    with threadpool_limits(limits=threads):
+        if n_rows < 3 or not matrices:
+            row["rsa"] = None
+            row["rsa_skipped"] = (f"{n_rows} {p.level}(s), RSA needs at least 3" if n_rows < 3
+                                  else "no hypothesis separates these rows")
+        else:
+            result = rsa(x, conditions, matrices, task=task.task,
+                         params=RSAParams(level=p.level, n_permutations=p.n_permutations,
+                                          seed=p.seed, zscore=p.zscore))
+            data = result.to_json_dict()
+            if p.level == "item":
+                data.pop("similarity")  # items x items: large, and no reader needs it
+            row["rsa"] = data
+        row["alignment"] = dict(row["rsa"]["correlation"]) if row["rsa"] else {}
+        row["p_value"] = dict(row["rsa"]["p_value"]) if row["rsa"] else {}
+        row["hypotheses_left_out"] = left
+        params = ProbeParams(folds=p.folds, seed=p.seed, threads=threads)
+        probes = {}
+        for name, values in columns.items():
+            if probe_kind(values) == "regression":
+                probes[name] = probe(x, values.astype(np.float64), kind="regression",
+                                     task=task.task, label=name, params=params)
+            else:
+                probes[name] = probe(x, values, kind="classification", task=task.task,
+                                     label=name, params=params)
+        row["probes"] = {name: r.to_json_dict() for name, r in probes.items()}
+    row["seconds_total"] = time.perf_counter() - t0
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# before and after in-context learning
+# --------------------------------------------------------------------------------------------
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def icl_changes(runs: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """Per model, task, k > 0 and hypothesis: the change of alignment at every site from the
+    0-shot run to the k-shot run, and per site the correlation between each condition's
+    accuracy gain and the change of its alignment (condition level only)."""
+    from replandscape.metrics.rsa import alignment_gain_correlation
+
+    by_run: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], {})[r["site"]] = r
+    base_runs = {(m["model"], m["task"]): run for run, m in runs.items()
+                 if m["shots"] == 0 and not m["finetuned"]}
+    out = []
+    for run, meta in sorted(runs.items(), key=lambda kv: (kv[1]["model"], kv[1]["task"],
+                                                          kv[1]["shots"])):
+        base = base_runs.get((meta["model"], meta["task"]))
+        if meta["finetuned"] or meta["shots"] == 0 or base is None:
+            continue
+        sites = [s for s in meta["site_names"] if s in by_run.get(run, {})
+                 and s in by_run.get(base, {})]
+        hyps = sorted({h for s in sites for h in (by_run[run][s]["alignment"] or {})})
+        acc0, acck = runs[base]["condition_accuracy"], meta["condition_accuracy"]
+        for hyp in hyps:
+            before = [_float(by_run[base][s]["alignment"].get(hyp)) for s in sites]
+            after = [_float(by_run[run][s]["alignment"].get(hyp)) for s in sites]
+            entry: dict[str, Any] = {
+                "model": meta["model"], "task": meta["task"], "shots": meta["shots"],
+                "run": run, "baseline": base, "hypothesis": hyp, "sites": sites,
+                "relative_depth": [by_run[run][s]["relative_depth"] for s in sites],
+                "alignment_0": before, "alignment_k": after,
+                "delta_alignment": [a - b for a, b in zip(after, before)],
+            }
+            # the conditions both runs represent at every site, in one order
+            common: list[str] | None = None
+            for s in sites:
+                for r in (by_run[base][s], by_run[run][s]):
+                    rows_here = r["rsa"]["rows"] if r["rsa"] and r["rsa"]["level"] == "condition" \
+                        and r["rsa"]["row_correlation"].get(hyp) else []
+                    common = [c for c in (rows_here if common is None else common)
+                              if c in rows_here]
+            common = [c for c in (common or []) if c in acc0 and c in acck]
+            if len(common) < 3:
+                entry.update(conditions=common, accuracy_gain=None, delta_per_condition=None,
+                             gain_correlation=None,
+                             gain_skipped=f"{len(common)} condition(s) in both runs at "
+                                          "condition level, the correlation needs 3")
+                out.append(entry)
+                continue
+            gain = [acck[c] - acc0[c] for c in common]
+            delta = []
+            for s in sites:
+                per = []
+                for r in (by_run[run][s], by_run[base][s]):
+                    index = {c: i for i, c in enumerate(r["rsa"]["rows"])}
+                    values = r["rsa"]["row_correlation"][hyp]
+                    per.append([_float(values[index[c]]) for c in common])
+                delta.append([a - b for a, b in zip(*per)])
+            corr = alignment_gain_correlation(gain, delta, task=meta["task"])
+            entry.update(conditions=common, accuracy_gain=gain, delta_per_condition=delta,
+                         gain_correlation=corr.to_json_dict())
+            out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: NaN and infinities as null, tuples as lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    return value
+
+
+def _read_task(path: Path, phash: str, task: Task) -> dict[str, Any] | None:
+    """The row of a finished task computed with these parameters on this input, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("row"), dict) \
+            or data.get("params_hash") != phash or data.get("input_id") != task.input_id:
+        return None
+    return dict(data["row"])
+
+
+def _check(cfg: ExperimentConfig) -> None:
+    """The asked task declares hypotheses; the counts are usable."""
+    from replandscape.metrics.rsa import task_hypotheses
+
+    where = cfg.source_file or None
+    try:
+        task_hypotheses(cfg.task.name)
+    except UserError:
+        raise UserError(f"task '{cfg.task.name}' declares no hypotheses for the RSA",
+                        file=where, key="task.name",
+                        fix="run rsa on a task with designed conditions (regression, reading)"
+                        ) from None
+    if cfg.rsa.n_permutations < 0:
+        raise UserError("must be 0 or more", file=where, key="rsa.n_permutations",
+                        fix="use e.g. 1000 (0: no test)")
+    if cfg.rsa.folds < 2:
+        raise UserError("probes need at least 2 folds", file=where, key="rsa.folds",
+                        fix="use e.g. 5")
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    """RSA and probes of every (run, site) of ``cfg``'s activations; returns the results path."""
+    from replandscape.stages.analyze import activation_files, report_changed_inputs
+
+    comm = mpi.world()
+    out = cfg.output_dir / "rsa"
+    task_dir = out / "tasks"
+    params = rsa_params(cfg.rsa)
+    phash = params_hash(params)
+    with ExitStack() as held:
+        with mpi.abort_on_error(comm, "planning"):
+            if comm.rank == 0:
+                held.enter_context(stage_lock(out, "rsa"))
+                _check(cfg)
+                task_dir.mkdir(parents=True, exist_ok=True)
+                tasks, runs = plan_tasks(cfg, activation_files(cfg))
+                changed = report_changed_inputs(task_dir, phash, tasks)  # type: ignore[arg-type]
+                if changed:
+                    print(changed.replace("[analyze]", "[rsa]"), file=sys.stderr, flush=True)
+                plan: Any = (tasks, runs)
+            else:
+                plan = None
+            tasks, runs = comm.bcast(plan, root=0)
+        return _run_planned(cfg, comm, tasks, runs, params, phash)
+
+
+def _run_planned(cfg: ExperimentConfig, comm: Any, tasks: list[Task], runs: dict[str, Any],
+                 params: dict[str, Any], phash: str) -> Path:
+    out = cfg.output_dir / "rsa"
+    task_dir = out / "tasks"
+    threads = mpi.threads_per_rank(comm, cfg.rsa.threads_per_rank)
+    done_here = 0
+    progress = make_progress(len(tasks), "rsa", show=comm.rank == 0, unit="site")
+    try:
+        for index in mpi.dynamic_tasks(comm, len(tasks)):
+            task = tasks[index]
+            path = task_dir / f"{task.key}.json"
+            if _read_task(path, phash, task) is not None:
+                progress.update(1)
+                continue
+            probe_labels = cfg.rsa.probe_labels
+            if probe_labels is None:
+                probe_labels = DEFAULT_PROBE_LABELS.get(task.task, ())
+            with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
+                row = run_task(task, cfg, probe_labels, threads)
+            write_text_atomic(path, json.dumps(_plain({"params_hash": phash,
+                                                       "input_id": task.input_id, "row": row})))
+            done_here += 1
+            progress.update(1)
+    finally:
+        # the bar leaves its line, so that an error is a line of its own
+        progress.close()
+    counts = comm.gather(done_here, root=0)
+    results_path = out / "results.json"
+    if comm.rank == 0:
+        rows = []
+        with mpi.abort_on_error(comm, "gathering the results"):  # the others wait in Barrier
+            for task in tasks:
+                found = _read_task(task_dir / f"{task.key}.json", phash, task)
+                if found is None:
+                    raise UserError(f"task {task.key} has no result", file=str(task_dir),
+                                    fix="re-run the rsa stage")
+                rows.append(found)
+            rows.sort(key=lambda r: (r["run"], r["site_index"]))
+            results = {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION,
+                       "code_version": __version__, "rsa_params": params,
+                       "rsa_params_hash": phash, "runs": runs, "rows": rows,
+                       "icl": icl_changes(runs, rows)}
+            write_text_atomic(results_path, json.dumps(_plain(results), indent=1,
+                                                       allow_nan=False))
+        print(f"[rsa] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
+              f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
+    comm.Barrier()
+    return results_path
