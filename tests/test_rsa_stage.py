@@ -204,3 +204,15 @@ def test_too_many_probe_folds_is_one_line(activations: Path, tmp_path: Path) -> 
     cfg = config(tmp_path, activations, probe_labels=["condition"], folds=9, sites=[0])
     line = one_line_error(cli("run", "rsa", str(cfg)))
     assert "fewer than the probe's 9 folds" in line and "probes.folds" in line, line
+
+
+def test_rsa_sweep_plans_an_rsa_job_after_extraction() -> None:
+    from helpers import REPO
+    from replandscape.sweep import load_sweep, plan_sweep
+
+    sweep = load_sweep(REPO / "configs" / "sweeps" / "rsa.yaml", ["cluster=example-gpu"])
+    jobs = {j.key: j for j in plan_sweep(sweep)}
+    assert {e.cfg.task.name for e in sweep.experiments} == {"regression", "reading"}
+    rsa = jobs["rsa-vicuna-13b-reading/rsa"]
+    assert rsa.depends_on == ("rsa-vicuna-13b-reading/extract",) and rsa.gpus_per_node == 0
+    assert all(e.cfg.extract.spans == ("task",) for e in sweep.experiments)

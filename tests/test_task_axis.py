@@ -353,3 +353,12 @@ def test_attention_mass_equals_the_models_own_attention_row(tmp_path: Path) -> N
                       and e > a]
             direct = np.stack([layer[0, :, -1, tokens].sum(-1).numpy() for layer in att])
             np.testing.assert_allclose(stored[row], direct, rtol=1e-4, atol=1e-6)
+
+
+def test_task_spans_stand_for_every_span_the_task_declares(tmp_path: Path) -> None:
+    cfg = task_config(tmp_path, "regression", prompts={"shots": [0]},
+                      extract={"sites": ["norm"], "spans": ["task"], "span_pooling": ["mean"]})
+    proc = cli("run", "extract", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open_activations(tmp_path / "out" / "activations" / "shots0.h5") as af:
+        assert af.site_names == ["norm", "norm@examples.mean", "norm@query.mean"]

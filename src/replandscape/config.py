@@ -143,11 +143,12 @@ class ExtractConfig:
     adapter: Literal["unmerged", "merged"] = "unmerged"
     # generated tasks with named spans (regression: examples, query; reading: relevant,
     # distractor, question): also keep each span's pooled state at every hidden site, stored as
-    # SITE@SPAN.POOL (a prompt without the span gets zeros, and has_span.SPAN says which)
+    # SITE@SPAN.POOL (a prompt without the span gets zeros, and has_span.SPAN says which);
+    # [task] stands for every span the task declares
     spans: tuple[str, ...] = ()
     span_pooling: tuple[Literal["max", "mean"], ...] = ("max", "mean")
     # named spans whose attention mass from the kept token is read, per layer and head (the
-    # kept token's query row only): attention/CONDITION.h5, mass/SPAN [N, L, H]
+    # kept token's query row only): attention/CONDITION.h5, mass/SPAN [N, L, H]; [task]: all
     attention_spans: tuple[str, ...] = ()
     # mpio: one shared file through MPI-IO (h5py with MPI, ranks launched by srun/mpiexec);
     # shards: one file per rank joined by virtual datasets; auto: mpio when it can, else shards

@@ -82,7 +82,7 @@ def _executor(job: JobSpec, folder: Path, dependency: str | None) -> Any:
         params["exclusive"] = True
     if dependency:
         params["dependency"] = dependency
-    if job.stage == "analyze" and c.get("mpi") in ("pmix", "pmi2"):
+    if job.stage in ("analyze", "rsa") and c.get("mpi") in ("pmix", "pmi2"):
         # since Slurm 22.05 srun no longer inherits --cpus-per-task from the allocation: without
         # it a cluster that binds tasks to CPUs gives each analysis rank one CPU
         params["srun_args"] = [f"--mpi={c['mpi']}", f"--cpus-per-task={job.cpus_per_task}"]

@@ -16,6 +16,7 @@ A sweep file::
       models: [qwen1.5-0.5b, pythia-1.4b] # optional axis: each experiment once per model file
       tasks: [expression, boolean]        # optional axis: each experiment once per task
       patch: true                         # optional: a patch job per experiment (circuit shift)
+      rsa: true                           # optional: an rsa job per experiment (RSA, probes)
 
 With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
 named ``<run.name>-<model>-<task>``): the task is an axis like the model.
@@ -67,6 +68,8 @@ class SweepSpec:
     tasks: tuple[str, ...] | None = None
     # also patch every condition (replandscape run patch) after extraction and fine-tuning
     patch: bool = False
+    # also run the RSA and probes (replandscape run rsa) after extraction
+    rsa: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Sweep:
     experiments: list[Experiment]
     source: str
     patch: bool = False
+    rsa: bool = False
 
 
 @dataclass
@@ -176,7 +180,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             cfg = load_config(file, extra)
             check_model_fits(cfg, file)
             experiments.append(Experiment(file, tuple(extra), cfg))
-    return Sweep(spec.name, Path(spec.output_root), experiments, str(path), patch=spec.patch)
+    return Sweep(spec.name, Path(spec.output_root), experiments, str(path), patch=spec.patch,
+                 rsa=spec.rsa)
 
 
 def _axis_points(spec: SweepSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -387,6 +392,12 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             jobs.append(_job(cfg, exp, "patch", f"{name}/patch", gpus=cfg.model.gpus,
                              depends_on=tuple(patch_deps), outputs=(str(circuits),),
                              done=circuits.is_file()))
+        if sweep.rsa:
+            rsa_results = out / "rsa" / "results.json"
+            rsa_deps = [j.key for j in jobs if j.key in (extract.key, f"{name}/extract-ft")]
+            jobs.append(_job(cfg, exp, "rsa", f"{name}/rsa", gpus=0, ranks=cfg.analysis.ranks,
+                             depends_on=tuple(rsa_deps), outputs=(str(rsa_results),),
+                             done=rsa_results.is_file()))
         results = out / "analysis" / "results.json"
         an_done = output_complete("analyze", results, cfg) and all(
             results.stat().st_mtime >= Path(o).stat().st_mtime

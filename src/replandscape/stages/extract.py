@@ -200,8 +200,11 @@ def extract_condition(cfg: ExperimentConfig, condition: Condition, loaded: Loade
     extra_fields = {**generated_token_fields(n_new), "correct_substring": np.bool_} \
         if generated else {}
     eos = eos_token_ids(loaded.model, tokenizer) if generated else []
-    spans = list(cfg.extract.spans)
-    att_spans = list(cfg.extract.attention_spans)
+    declared = sorted({name for r in records for name in r.spans})
+    # "task" stands for every span the task declares (one experiment serves tasks with other spans)
+    spans = declared if list(cfg.extract.spans) == ["task"] else list(cfg.extract.spans)
+    att_spans = (declared if list(cfg.extract.attention_spans) == ["task"]
+                 else list(cfg.extract.attention_spans))
     masked = sorted(set(spans) | set(att_spans))
     span_masks: dict[str, list[list[bool]]] = {}
     if masked:
