@@ -216,3 +216,40 @@ def test_rsa_sweep_plans_an_rsa_job_after_extraction() -> None:
     rsa = jobs["rsa-vicuna-13b-reading/rsa"]
     assert rsa.depends_on == ("rsa-vicuna-13b-reading/extract",) and rsa.gpus_per_node == 0
     assert all(e.cfg.extract.spans == ("task",) for e in sweep.experiments)
+
+
+@pytest.mark.slow
+def test_rsa_from_a_real_extraction_with_spans_and_attention_ratio(tmp_path: Path) -> None:
+    """Extraction of the reading task keeping span states and attention masses, then the rsa
+    stage: every span site is analysed, and the attention ratio (relevant over distractor) per
+    layer equals a direct computation from the attention file."""
+    import h5py
+
+    cfg = tiny_config(
+        tmp_path,
+        task={"name": "reading", "n_test": 30, "n_dev": 8, "n_train": 8},
+        data={"source": "builtin:task", "train_splits": ["train"]},
+        prompts={"shots": [0, 2], "max_shots": 8},
+        extract={"sites": ["norm"], "spans": ["task"], "span_pooling": ["max"],
+                 "attention_spans": ["task"], "store_dtype": "float32"},
+        rsa={"n_permutations": 50, "folds": 3},
+        analysis={"maxk": 20, "range_max": 16, "id_scale_index": 2, "density_k": 8,
+                  "per_subject_cap": None})
+    for stage in ("extract", "rsa"):
+        proc = cli("run", stage, str(cfg))
+        assert proc.returncode == 0, (stage, proc.stderr[-3000:])
+    results = json.loads((tmp_path / "out" / "rsa" / "results.json").read_text())
+    sites = {r["site"] for r in results["rows"] if r["run"] == "tiny/reading/shots2"}
+    assert sites == {"norm", "norm@relevant.max", "norm@distractor.max", "norm@question.max"}
+    ratios = {a["run"]: a for a in results["attention"]}
+    assert set(ratios) == {"tiny/reading/shots0", "tiny/reading/shots2"}
+    entry = ratios["tiny/reading/shots2"]
+    assert entry["spans"] == ["relevant", "distractor"]
+    with h5py.File(tmp_path / "out" / "attention" / "shots2.h5", "r") as fh:
+        a, b = fh["mass/relevant"][:], fh["mass/distractor"][:]
+    both = b.sum(axis=(1, 2)) > 0
+    assert entry["n_items"] == int(both.sum()) > 0
+    np.testing.assert_allclose(entry["ratio_per_layer"],
+                               a[both].mean((0, 2)) / b[both].mean((0, 2)), rtol=1e-6)
+    assert np.asarray(entry["ratio_per_head"]).shape == (3, 4)
+    assert entry["gain_correlation"] is not None  # three conditions carry a distractor

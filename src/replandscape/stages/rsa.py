@@ -12,7 +12,11 @@ parameters, same input file). Rank 0 gathers the task files into ``rsa/results.j
 * ``icl``: per model, task, shot count k > 0, hypothesis and site, the change of alignment from the
   0-shot run to the k-shot run, the per-condition accuracy gain and, per site, the correlation
   between the gain and the change of each condition's alignment
-  (:func:`replandscape.metrics.rsa.alignment_gain_correlation`).
+  (:func:`replandscape.metrics.rsa.alignment_gain_correlation`);
+* ``attention``: per run whose extraction kept attention masses, the task's attention ratio
+  (reading: relevant over distractor; regression: examples over query) per layer and head, per
+  layer, per condition, and per k > 0 its change from 0 shots correlated per layer with each
+  condition's accuracy gain (:func:`attention_ratios`).
 
 Items come from the row columns ``label.KEY`` the extraction stores for generated tasks; a span site
 keeps only the items that have the span (``has_span.SPAN``). The metrics are pure functions
@@ -357,6 +361,78 @@ def icl_changes(runs: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     return out
 
 
+#: The attention ratio of each task: the mass on the first span over the mass on the second.
+ATTENTION_RATIOS: dict[str, tuple[str, str]] = {
+    "reading": ("relevant", "distractor"),
+    "regression": ("examples", "query"),
+}
+
+
+def attention_ratios(cfg: ExperimentConfig, runs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per run with attention masses (``attention/CONDITION.h5``, ``extract.attention_spans``):
+    the task's attention ratio per layer and head (mean mass on the first span over the mean
+    mass on the second, over the items that have both), per layer averaged over heads, and per
+    condition; then per k > 0 the change of the per-condition ratio from 0 shots, correlated per
+    layer with each condition's accuracy gain."""
+    import h5py
+
+    from replandscape.metrics.rsa import alignment_gain_correlation
+    from replandscape.storage import open_activations
+
+    found: dict[str, dict[str, Any]] = {}
+    for run, meta in runs.items():
+        pair = ATTENTION_RATIOS.get(meta["task"])
+        path = cfg.output_dir / "attention" / f"{meta['condition']}.h5"
+        if pair is None or not path.is_file():
+            continue
+        with h5py.File(path, "r") as fh:
+            if not all(f"mass/{span}" in fh for span in pair):
+                continue
+            a, b = (fh[f"mass/{span}"][:] for span in pair)  # [N, L, H]
+            qids = fh["rows/question_id"][:]
+        with open_activations(meta["provenance"]["activations"]) as af:
+            order = {int(q): i for i, q in enumerate(af.rows("question_id"))}
+            conditions = af.rows(LABEL_PREFIX + "condition")
+        cond = np.asarray([conditions[order[int(q)]] for q in qids])
+        both = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=(1, 2)) & (
+            b.sum(axis=(1, 2)) > 0)
+        if not both.any():
+            continue
+        head = a[both].mean(0) / np.maximum(b[both].mean(0), 1e-12)  # [L, H]
+        per_condition = {}
+        for c in sorted(set(cond[both].tolist())):
+            rows = both & (cond == c)
+            per_condition[c] = (a[rows].mean((0, 2)) / np.maximum(b[rows].mean((0, 2)), 1e-12)
+                                ).tolist()
+        found[run] = {"run": run, "model": meta["model"], "task": meta["task"],
+                      "shots": meta["shots"], "finetuned": meta["finetuned"],
+                      "spans": list(pair), "n_items": int(both.sum()),
+                      "ratio_per_head": head.tolist(),
+                      "ratio_per_layer": (a[both].mean((0, 2)) / np.maximum(
+                          b[both].mean((0, 2)), 1e-12)).tolist(),
+                      "ratio_per_condition": per_condition}
+    base = {(m["model"], m["task"]): found[r] for r, m in runs.items()
+            if r in found and m["shots"] == 0 and not m["finetuned"]}
+    for run, entry in found.items():
+        zero = base.get((entry["model"], entry["task"]))
+        if zero is None or entry["shots"] == 0 or entry["finetuned"]:
+            continue
+        acc0, acck = runs[zero["run"]]["condition_accuracy"], runs[run]["condition_accuracy"]
+        common = [c for c in entry["ratio_per_condition"] if c in zero["ratio_per_condition"]
+                  and c in acc0 and c in acck]
+        if len(common) < 3:
+            entry["gain_correlation"] = None
+            continue
+        gain = [acck[c] - acc0[c] for c in common]
+        delta = np.asarray([[entry["ratio_per_condition"][c][layer]
+                             - zero["ratio_per_condition"][c][layer] for c in common]
+                            for layer in range(len(entry["ratio_per_layer"]))])
+        entry.update(conditions=common, accuracy_gain=gain,
+                     gain_correlation=alignment_gain_correlation(
+                         gain, delta, task=entry["task"]).to_json_dict())
+    return list(found.values())
+
+
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
@@ -474,7 +550,8 @@ def _run_planned(cfg: ExperimentConfig, comm: Any, tasks: list[Task], runs: dict
             results = {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION,
                        "code_version": __version__, "rsa_params": params,
                        "rsa_params_hash": phash, "runs": runs, "rows": rows,
-                       "icl": icl_changes(runs, rows)}
+                       "icl": icl_changes(runs, rows),
+                       "attention": attention_ratios(cfg, runs)}
             write_text_atomic(results_path, json.dumps(_plain(results), indent=1,
                                                        allow_nan=False))
         print(f"[rsa] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
