@@ -253,3 +253,9 @@ def test_rsa_from_a_real_extraction_with_spans_and_attention_ratio(tmp_path: Pat
                                a[both].mean((0, 2)) / b[both].mean((0, 2)), rtol=1e-6)
     assert np.asarray(entry["ratio_per_head"]).shape == (3, 4)
     assert entry["gain_correlation"] is not None  # three conditions carry a distractor
+    # the figures stage draws the similarity study from the results alone
+    from replandscape.figures.rsa import render_rsa
+
+    drawn = render_rsa(tmp_path / "out" / "rsa" / "results.json", tmp_path / "fig", ["png"])
+    assert sorted(p.name for p in drawn) == [f"rsa_{kind}_tiny_reading.png" for kind in
+                                             ("alignment", "attention", "probes", "similarity")]

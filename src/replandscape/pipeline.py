@@ -94,8 +94,13 @@ def render_figures(cfg: ExperimentConfig) -> list[Path]:
     results = read_results(cfg.output_dir / "analysis" / "results.json")
     files = render_all([results], cfg.output_dir / "figures", what=cfg.figures.what,
                        formats=cfg.figures.formats)
-    # the circuit studies' figures, where the patch or knockout stage has run
+    # the circuit and similarity studies' figures, where their stages have run
     files += render_circuits(cfg.output_dir, cfg.output_dir / "figures", cfg.figures.formats)
+    rsa_results = cfg.output_dir / "rsa" / "results.json"
+    if rsa_results.is_file():
+        from replandscape.figures.rsa import render_rsa
+
+        files += render_rsa(rsa_results, cfg.output_dir / "figures", cfg.figures.formats)
     print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)
     return files
 
