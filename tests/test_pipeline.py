@@ -50,8 +50,12 @@ def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None
     # the implicit-pattern part: the expression task answered by generation, fine-tuned, drawn
     for name in ("shots0.h5", "shots8.h5", "ft-final.h5"):
         assert (out / "implicit-expression" / "activations" / name).is_file()
-    for name in ("icl_vs_ft_demo-llama.png", "icl_vs_ft.md", "profiles_demo-llama_expression.png"):
+    for name in ("icl_vs_ft_demo-llama.png", "icl_vs_ft.md", "profiles_demo-llama_expression.png",
+                 "rsa_alignment_demo-llama_reading.png", "rsa_attention_demo-llama_reading.png"):
         assert (out / "figures" / name).is_file(), name
+    # the similarity part: span states and attention masses, then RSA and probes
+    assert (out / "rsa-reading" / "rsa" / "results.json").is_file()
+    assert (out / "rsa-reading" / "attention" / "shots2.h5").is_file()
     for name in ("profiles_demo-llama_mmlu.png", "profiles_demo-llama_mmlu.pdf", "ari_mmlu_subject.png",
                  "accuracy.md", "accuracy.tex", "report.md"):
         assert (out / "figures" / name).is_file(), name

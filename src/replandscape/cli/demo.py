@@ -3,10 +3,11 @@
 Offline, on CPU: the bundled MMLU-shaped data, a tiny Llama built on first use, prompts at
 0/1/2/5 shots, extraction, a short LoRA fine-tune and the extraction of its checkpoints, the
 analysis on 2 MPI ranks; then the same for an implicit-pattern task (expression, answered by
-generation at 0-8 shots, configs/demo-implicit.yaml) into DIR/implicit-expression; then the
-figures of both in DIR/figures. KEY=VALUE overrides apply to the MMLU part (``cluster`` and
-``analysis.*`` ones to both); ``--no-implicit``
-skips the task part. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
+generation at 0-8 shots, configs/demo-implicit.yaml) into DIR/implicit-expression, and for the
+reading task with span states, attention masses and the RSA and probes (configs/demo-rsa.yaml)
+into DIR/rsa-reading; then the figures of all parts in DIR/figures. KEY=VALUE overrides apply to the MMLU part (``cluster`` and
+``analysis.*`` ones to all); ``--no-implicit``
+skips the task parts. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
 (start the cluster with ``slurm/cluster.sh start``). Re-running resumes: finished outputs are
 kept and skipped.
 """
@@ -40,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_file, overrides)
     parts = [(config_file, overrides, cfg)]
     if not args.no_implicit:
-        implicit_file = str(config_root() / "demo-implicit.yaml")
-        # the cluster and the analysis parameters are shared, so both parts are drawn together
-        implicit_overrides = [f"run.output_dir={cfg.output_dir / 'implicit-expression'}",
-                              *[o for o in args.overrides
-                                if o.startswith(("cluster", "analysis."))]]
-        parts.append((implicit_file, implicit_overrides,
-                      load_config(implicit_file, implicit_overrides)))
+        # the cluster and the analysis parameters are shared, so all parts are drawn together
+        shared = [o for o in args.overrides if o.startswith(("cluster", "analysis."))]
+        for name, folder in (("demo-implicit.yaml", "implicit-expression"),
+                             ("demo-rsa.yaml", "rsa-reading")):
+            part_file = str(config_root() / name)
+            part_overrides = [f"run.output_dir={cfg.output_dir / folder}", *shared]
+            parts.append((part_file, part_overrides, load_config(part_file, part_overrides)))
     if cfg.cluster.executor == "slurm":
         from replandscape.launch import submit_experiment
 
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     for file, part_overrides, part in parts:
         save_resolved(part, part.output_dir)
         label = "" if part is cfg else f"{part.task.name} "
-        for stage in stages_of(part):
+        # the similarity part also runs its rsa stage (span states and attention masses)
+        extra = ["rsa"] if part.extract.attention_spans else []
+        for stage in [*stages_of(part), *extra]:
             if stage == "figures":
                 continue  # drawn once below, from every part's results
             t = time.perf_counter()
@@ -81,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
 
 def draw_figures(cfg: ExperimentConfig, results_files: list[Path]) -> None:
     from replandscape.figures import render_all
+    from replandscape.figures.rsa import render_rsa
     from replandscape.results import read_results
 
     files = render_all([read_results(p) for p in results_files], cfg.output_dir / "figures",
                        what=cfg.figures.what, formats=cfg.figures.formats)
+    for path in results_files:
+        rsa_results = path.parent.parent / "rsa" / "results.json"
+        if rsa_results.is_file():
+            files += render_rsa(rsa_results, cfg.output_dir / "figures", cfg.figures.formats)
     print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)

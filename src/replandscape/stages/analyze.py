@@ -198,6 +198,10 @@ def plan_tasks(cfg: ExperimentConfig, files: Sequence[Path]) -> tuple[list[Task]
         for i, name in enumerate(names):
             if wanted is not None and i not in wanted and (i - len(names)) not in wanted:
                 continue
+            if "@" in name:
+                # span states (SITE@SPAN.POOL) are for the rsa stage, which keeps the items that
+                # have the span; the geometry is that of the kept token
+                continue
             tasks.append(Task(run, condition, str(path), name, i, len(names), depths[i],
                               identity))
     if cfg.analysis.sites is not None:
