@@ -259,3 +259,32 @@ def test_rsa_from_a_real_extraction_with_spans_and_attention_ratio(tmp_path: Pat
     drawn = render_rsa(tmp_path / "out" / "rsa" / "results.json", tmp_path / "fig", ["png"])
     assert sorted(p.name for p in drawn) == [f"rsa_{kind}_tiny_reading.png" for kind in
                                              ("alignment", "attention", "probes", "similarity")]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_rsa_sweep_runs_on_the_local_slurm_cluster(slurm_cluster: object, tmp_path: Path) -> None:
+    import yaml
+
+    cfg = tiny_config(
+        tmp_path,
+        task={"name": "reading", "n_test": 30, "n_dev": 8, "n_train": 8},
+        data={"source": "builtin:task", "train_splits": ["train"]},
+        prompts={"shots": [0, 2], "max_shots": 8},
+        extract={"sites": ["norm"], "spans": ["task"], "span_pooling": ["max"],
+                 "attention_spans": ["task"], "store_dtype": "float32"},
+        rsa={"n_permutations": 50, "folds": 3},
+        analysis={"maxk": 20, "range_max": 16, "id_scale_index": 2, "density_k": 8,
+                  "per_subject_cap": None, "ranks": 2})
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {
+        "name": "sim", "output_root": str(tmp_path / "root"), "experiments": [str(cfg)],
+        "tasks": ["reading"], "finetune": False, "rsa": True}}))
+    proc = cli("submit", str(sweep), "cluster=local-slurm", "--wait", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "root" / "t-reading" / "rsa" / "results.json").read_text())
+    assert set(results["runs"]) == {"tiny/reading/shots0", "tiny/reading/shots2"}
+    assert results["attention"] and results["icl"]
+    record = json.loads((tmp_path / "root" / "sweep-sim.json").read_text())
+    rsa_job = next(j for j in record["jobs"] if j["key"] == "t-reading/rsa")
+    assert "over 2 rank(s)" in Path(rsa_job["logs"][0]).read_text()
