@@ -253,6 +253,12 @@ def test_rsa_from_a_real_extraction_with_spans_and_attention_ratio(tmp_path: Pat
                                a[both].mean((0, 2)) / b[both].mean((0, 2)), rtol=1e-6)
     assert np.asarray(entry["ratio_per_head"]).shape == (3, 4)
     assert entry["gain_correlation"] is not None  # three conditions carry a distractor
+    # parameterized probing: the distractor probed within each question type
+    norm = next(r for r in results["rows"] if r["run"] == "tiny/reading/shots2"
+                and r["site"] == "norm")
+    within = norm["parameterized"]["distractor|question_type"]
+    assert within["bins"] == ["what", "where", "who"] and len(within["probes"]) == 3
+    assert all(0 <= p["score"] <= 1 and p["n_classes"] == 2 for p in within["probes"])
     # the figures stage draws the similarity study from the results alone
     from replandscape.figures.rsa import render_rsa
 

@@ -285,6 +285,10 @@ class RsaConfig:
     # question_type, distractor); a label of numbers with more than 2 values is probed by ridge
     # regression, any other by logistic regression
     probe_labels: tuple[str, ...] | None = None
+    # parameterized probing: [label, parameter] pairs, the label probed within each value of the
+    # task parameter (null: the task's own, regression: y within slope; reading: distractor
+    # within question_type; skipped where a file lacks them)
+    parameterized: tuple[tuple[str, ...], ...] | None = None
     folds: int = 5
     # site indices into the files' site names (span sites included; null: every site)
     sites: tuple[int, ...] | None = None

@@ -59,6 +59,11 @@ DEFAULT_PROBE_LABELS: dict[str, tuple[str, ...]] = {
     "regression": ("slope", "intercept"),
     "reading": ("question_type", "distractor"),
 }
+#: The parameterized probes when ``rsa.parameterized`` is null: (label, task parameter), per task.
+DEFAULT_PARAMETERIZED: dict[str, tuple[tuple[str, str], ...]] = {
+    "regression": (("y", "slope"),),
+    "reading": (("distractor", "question_type"),),
+}
 _SPAN_SITE = re.compile(r"^(?P<base>[^@]+)@(?P<span>[^.]+)\.(?P<pool>\w+)$")
 
 
@@ -284,8 +289,44 @@ def run_task(task: Task, cfg: ExperimentConfig, probe_labels: Sequence[str],
                 probes[name] = probe(x, values, kind="classification", task=task.task,
                                      label=name, params=params)
         row["probes"] = {name: r.to_json_dict() for name, r in probes.items()}
+        row["parameterized"] = parameterized_probes(task, cfg, x, labels, params)
     row["seconds_total"] = time.perf_counter() - t0
     return row
+
+
+def parameterized_probes(task: Task, cfg: ExperimentConfig, x: np.ndarray,
+                         labels: Sequence[Mapping[str, str]], params: Any) -> dict[str, Any]:
+    """Probe performance against a task parameter: each (label, parameter) pair's probe run
+    within every value of the parameter (``rsa.parameterized``, or the task's own pairs, which
+    are skipped where the file lacks their labels)."""
+    from replandscape.metrics.probes import parameterized_probe
+
+    explicit = cfg.rsa.parameterized is not None
+    pairs = cfg.rsa.parameterized if explicit else DEFAULT_PARAMETERIZED.get(task.task, ())
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        if len(pair) != 2:
+            raise UserError(f"{list(pair)} is not [label, parameter]", key="rsa.parameterized",
+                            fix="write e.g. [[y, slope]]")
+        label, parameter = pair
+        if not labels or label not in labels[0] or parameter not in labels[0]:
+            if explicit:
+                raise UserError(f"no label '{label}' or '{parameter}' in the file",
+                                file=task.path, key="rsa.parameterized",
+                                fix="name labels the task stores")
+            continue
+        y = np.asarray([lab[label] for lab in labels])
+        parameter_values = np.asarray([lab[parameter] for lab in labels])
+        if probe_kind(y) == "regression":
+            result = parameterized_probe(x, y.astype(np.float64), parameter_values,
+                                         kind="regression", task=task.task, label=label,
+                                         parameter_name=parameter, params=params)
+        else:
+            result = parameterized_probe(x, y, parameter_values, kind="classification",
+                                         task=task.task, label=label, parameter_name=parameter,
+                                         params=params)
+        out[f"{label}|{parameter}"] = result.to_json_dict()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
