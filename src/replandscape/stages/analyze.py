@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -348,9 +348,24 @@ def _read_task(path: Path, phash: str, task: Task) -> dict[str, Any] | None:
     return dict(data["row"])
 
 
-def report_changed_inputs(task_dir: Path, phash: str, tasks: Sequence[Task]) -> str | None:
+class InputTask(Protocol):
+    """What :func:`report_changed_inputs` reads of a per-site task (the geometry's or the rsa
+    stage's)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def run(self) -> str: ...
+
+    @property
+    def input_id(self) -> str: ...
+
+
+def report_changed_inputs(task_dir: Path, phash: str, tasks: Sequence[InputTask],
+                          stage: str = "analyze") -> str | None:
     """One line naming the tasks to be computed again because their activation file changed
-    since their result was written (same analysis parameters, other input), or None."""
+    since their result was written (same parameters, other input), or None."""
     changed: dict[str, int] = {}
     unrecorded = False
     for task in tasks:
@@ -363,7 +378,7 @@ def report_changed_inputs(task_dir: Path, phash: str, tasks: Sequence[Task]) -> 
         return None
     what = ", ".join(f"{run} ({n} site{'s' if n > 1 else ''})" for run, n in sorted(changed.items()))
     since = " (or is not recorded)" if unrecorded else ""
-    return (f"[analyze] recomputing {sum(changed.values())} task(s) whose activation file "
+    return (f"[{stage}] recomputing {sum(changed.values())} task(s) whose activation file "
             f"changed since they were analysed{since}: {what}")
 
 

@@ -540,9 +540,9 @@ def run(cfg: ExperimentConfig) -> Path:
                 _check(cfg)
                 task_dir.mkdir(parents=True, exist_ok=True)
                 tasks, runs = plan_tasks(cfg, activation_files(cfg))
-                changed = report_changed_inputs(task_dir, phash, tasks)  # type: ignore[arg-type]
+                changed = report_changed_inputs(task_dir, phash, tasks, stage="rsa")
                 if changed:
-                    print(changed.replace("[analyze]", "[rsa]"), file=sys.stderr, flush=True)
+                    print(changed, file=sys.stderr, flush=True)
                 plan: Any = (tasks, runs)
             else:
                 plan = None
