@@ -240,6 +240,61 @@ def test_input_id_follows_the_content(tmp_path: Path) -> None:
     assert input_id(path, other) != with_digests
 
 
+def test_site_runner_resumes_and_recomputes_what_changed(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The loop both per-site stages run: rows in planned order, finished tasks kept, a task
+    whose input changed computed again and named, other parameters computing everything."""
+    from dataclasses import dataclass
+
+    from replandscape.dist.sites import run_sites, task_key
+
+    @dataclass(frozen=True)
+    class Toy:
+        run: str
+        site: str
+        input_id: str
+
+        @property
+        def key(self) -> str:
+            return task_key(self.run, self.site)
+
+    computed: list[str] = []
+
+    def go(ids: str, phash: str = "p1") -> dict:
+        tasks = [Toy("m/t/shots0", f"s/{i}", c) for i, c in enumerate(ids)]
+        got: dict = {}
+
+        def compute(task: Toy, threads: int) -> dict:
+            computed.append(task.site)
+            return {"site": task.site, "input": task.input_id, "threads": threads}
+
+        def write(runs: dict, rows: list, path: Path) -> None:
+            got.update(runs=runs, rows=rows, path=path)
+
+        path = run_sites("toy", tmp_path, phash, plan=lambda: (tasks, {"m/t/shots0": {}}),
+                         compute=compute, write=write, threads_per_rank=2)
+        assert path == got["path"] == tmp_path / "results.json"
+        return got
+
+    first = go("abc")
+    assert computed == ["s/0", "s/1", "s/2"] and [r["site"] for r in first["rows"]] == computed
+    assert first["rows"][0] == {"site": "s/0", "input": "a", "threads": 2}
+    record = json.loads((tmp_path / "tasks" / "m_t_shots0__s_0.json").read_text())
+    assert record == {"params_hash": "p1", "input_id": "a", "row": first["rows"][0]}
+    assert "3 tasks (3 computed now, over 1 rank(s))" in capsys.readouterr().err
+    computed.clear()
+    assert go("abc")["rows"] == first["rows"] and computed == []
+    err = capsys.readouterr().err
+    assert "(0 computed now" in err and "recomputing" not in err
+    again = go("aXc")
+    assert computed == ["s/1"] and again["rows"][1]["input"] == "X"
+    assert ("[toy] recomputing 1 task(s) whose activation file changed since they were "
+            "analysed: m/t/shots0 (1 site)") in capsys.readouterr().err
+    computed.clear()
+    go("aXc", phash="p2")
+    assert computed == ["s/0", "s/1", "s/2"] and "recomputing" not in capsys.readouterr().err
+
+
 def test_task_files_of_the_wrong_shape_are_computed_again(extracted: Path,
                                                           tmp_path: Path) -> None:
     cfg = _copy(extracted, tmp_path)

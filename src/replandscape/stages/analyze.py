@@ -7,7 +7,8 @@ what it had. A task file records the analysis parameters and the identity of its
 :func:`input_id`): a task whose activation file was replaced since (another extraction into the
 same folder) is computed again, and the run says which. Rank 0 holds the folder's ``analyze`` lock
 for the whole run, so two analyses never write one output. Rank 0 then gathers the task files into
-``analysis/results.json`` with the provenance of each run. The per-point arrays of each task
+``analysis/results.json`` with the provenance of each run. The loop is the one the rsa stage runs
+too (:func:`replandscape.dist.sites.run_sites`). The per-point arrays of each task
 (question id, ADP cluster without and with halo, kNN log-density) go to
 ``analysis/points/TASK.npz``, named by the row's ``points`` entry. The relative depth of a site is
 :func:`replandscape.results.relative_depth`, the same for every site kind. The metrics themselves
@@ -21,26 +22,22 @@ import hashlib
 import json
 import os
 import random
-import re
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from replandscape import __version__
 from replandscape.allocator import retain_freed_memory
-from replandscape.atomic import write_npz_atomic, write_text_atomic
+from replandscape.atomic import write_npz_atomic
 from replandscape.config import AnalysisConfig, ExperimentConfig
 from replandscape.dist import mpi
+from replandscape.dist.sites import run_sites, task_key
 from replandscape.errors import UserError
-from replandscape.lock import stage_lock
-from replandscape.progress import progress as make_progress
 from replandscape.results import (
     Results,
     n_blocks_from_sites,
@@ -65,7 +62,7 @@ class Task:
 
     @property
     def key(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.run}__{self.site}")
+        return task_key(self.run, self.site)
 
 
 def analysis_params(cfg: AnalysisConfig) -> dict[str, Any]:
@@ -313,75 +310,6 @@ def _degenerate_row(task: Task, n: int, reason: str, seconds: float) -> dict[str
             "dendrogram": None, "skipped": reason, "seconds_total": seconds}
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, allow_nan=True))
-
-
-def _save_task(out: Path, task: Task, phash: str, row: dict[str, Any],
-               points: dict[str, np.ndarray] | None) -> None:
-    """The per-point arrays first, then the task's row: a row on disk means both are there."""
-    if points is not None:
-        rel = f"points/{task.key}.npz"
-        write_npz_atomic(out / rel, points)
-        row = {**row, "points": rel}
-    _atomic_json(out / "tasks" / f"{task.key}.json",
-                 {"params_hash": phash, "input_id": task.input_id, "row": row})
-
-
-def _load_task_file(path: Path) -> dict[str, Any] | None:
-    """A task file's content, or None when it is absent, unreadable or of the wrong shape (a
-    JSON object holding a ``row`` object)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("row"), dict):
-        return None
-    return data
-
-
-def _read_task(path: Path, phash: str, task: Task) -> dict[str, Any] | None:
-    """The row of a finished task computed with these parameters on this input, else None."""
-    data = _load_task_file(path)
-    if data is None or data.get("params_hash") != phash or data.get("input_id") != task.input_id:
-        return None
-    return dict(data["row"])
-
-
-class InputTask(Protocol):
-    """What :func:`report_changed_inputs` reads of a per-site task (the geometry's or the rsa
-    stage's)."""
-
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def run(self) -> str: ...
-
-    @property
-    def input_id(self) -> str: ...
-
-
-def report_changed_inputs(task_dir: Path, phash: str, tasks: Sequence[InputTask],
-                          stage: str = "analyze") -> str | None:
-    """One line naming the tasks to be computed again because their activation file changed
-    since their result was written (same parameters, other input), or None."""
-    changed: dict[str, int] = {}
-    unrecorded = False
-    for task in tasks:
-        data = _load_task_file(task_dir / f"{task.key}.json")
-        if data is not None and data.get("params_hash") == phash \
-                and data.get("input_id") != task.input_id:
-            changed[task.run] = changed.get(task.run, 0) + 1
-            unrecorded = unrecorded or "input_id" not in data
-    if not changed:
-        return None
-    what = ", ".join(f"{run} ({n} site{'s' if n > 1 else ''})" for run, n in sorted(changed.items()))
-    since = " (or is not recorded)" if unrecorded else ""
-    return (f"[{stage}] recomputing {sum(changed.values())} task(s) whose activation file "
-            f"changed since they were analysed{since}: {what}")
-
-
 def check_device(cfg: AnalysisConfig) -> None:
     """``device: cuda`` needs a GPU this process can see (``auto`` falls back to the CPU)."""
     if cfg.device != "cuda" or cfg.engine != "fast":
@@ -398,82 +326,36 @@ def check_device(cfg: AnalysisConfig) -> None:
                         fix="set analysis.device=auto (or cpu), or give the analysis job a GPU")
 
 
+def _with_points(out: Path, task: Task, row: dict[str, Any],
+                 points: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The task's row, its per-point arrays written first: a row on disk means both are there."""
+    if points is None:
+        return row
+    rel = f"points/{task.key}.npz"
+    write_npz_atomic(out / rel, points)
+    return {**row, "points": rel}
+
+
 def run(cfg: ExperimentConfig) -> Path:
     """Analyse every (run, site) of ``cfg``'s activations; returns the results file path."""
     retain_freed_memory()  # every site allocates the same large arrays again
     comm = mpi.world()
     out = cfg.output_dir / "analysis"
-    task_dir = out / "tasks"
     params = analysis_params(cfg.analysis)
-    phash = params_hash(params)
-    with ExitStack() as held:
-        with mpi.abort_on_error(comm, "planning"):
-            if comm.rank == 0:
-                # one analysis per output at a time, held until the results file is written
-                held.enter_context(stage_lock(out, "analyze"))
-            check_device(cfg.analysis)
-            if comm.rank == 0:
-                task_dir.mkdir(parents=True, exist_ok=True)
-                tasks, runs = plan_tasks(cfg, activation_files(cfg))
-                changed = report_changed_inputs(task_dir, phash, tasks)
-                if changed:
-                    print(changed, file=sys.stderr, flush=True)
-                plan = (tasks, runs)
-            else:
-                plan = None
-            tasks, runs = comm.bcast(plan, root=0)
-        return _run_planned(cfg, comm, tasks, runs, params, phash)
+    # every rank on every site, one site after another
+    split = bool(cfg.analysis.split_site_rows) and comm.size > 1
 
+    def compute(task: Task, threads: int) -> dict[str, Any] | None:
+        if split:
+            outcome = run_task_split(task, cfg, threads, comm)
+            return None if outcome is None else _with_points(out, task, *outcome)
+        return _with_points(out, task, *run_task(task, cfg, threads, cfg.analysis.dendrogram))
 
-def _run_planned(cfg: ExperimentConfig, comm: Any, tasks: list[Task], runs: dict[str, Any],
-                 params: dict[str, Any], phash: str) -> Path:
-    """Compute the unfinished tasks over the ranks, then gather every row on rank 0."""
-    out = cfg.output_dir / "analysis"
-    task_dir = out / "tasks"
-    threads = mpi.threads_per_rank(comm, cfg.analysis.threads_per_rank)
-    done_here = 0
-    progress = make_progress(len(tasks), "analyze", show=comm.rank == 0, unit="site")
-    if cfg.analysis.split_site_rows and comm.size > 1:
-        # every rank on every site, one site after another
-        for task in tasks:
-            path = task_dir / f"{task.key}.json"
-            finished = comm.bcast(_read_task(path, phash, task) is not None
-                                  if comm.rank == 0 else None, root=0)
-            if not finished:
-                with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-                    outcome = run_task_split(task, cfg, threads, comm)
-                if comm.rank == 0:
-                    _save_task(out, task, phash, *outcome)
-                    done_here += 1
-            progress.update(1)
-    else:
-        for index in mpi.dynamic_tasks(comm, len(tasks)):
-            task = tasks[index]
-            path = task_dir / f"{task.key}.json"
-            if _read_task(path, phash, task) is not None:
-                progress.update(1)
-                continue
-            with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-                outcome = run_task(task, cfg, threads, cfg.analysis.dendrogram)
-            _save_task(out, task, phash, *outcome)
-            done_here += 1
-            progress.update(1)
-    progress.close()
-    counts = comm.gather(done_here, root=0)
-    results_path = out / "results.json"
-    if comm.rank == 0:
-        rows = []
-        with mpi.abort_on_error(comm, "gathering the results"):  # the others wait in Barrier
-            for task in tasks:
-                found = _read_task(task_dir / f"{task.key}.json", phash, task)
-                if found is None:
-                    raise UserError(f"task {task.key} has no result", file=str(task_dir),
-                                    fix="re-run the analysis")
-                rows.append(found)
-            results = Results(analysis_params=params, runs=runs, rows=rows,
-                              code_version=__version__)
-            write_results(results, results_path)
-        print(f"[analyze] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
-              f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
-    comm.Barrier()
-    return results_path
+    def write(runs: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+        write_results(Results(analysis_params=params, runs=runs, rows=rows,
+                              code_version=__version__), path)
+
+    return run_sites("analyze", out, params_hash(params),
+                     plan=lambda: plan_tasks(cfg, activation_files(cfg)), compute=compute,
+                     write=write, threads_per_rank=cfg.analysis.threads_per_rank,
+                     check=lambda: check_device(cfg.analysis), collective=split)

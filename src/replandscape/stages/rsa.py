@@ -1,7 +1,7 @@
 """RSA and probes of every (run, site), spread over MPI ranks, gathered into one file.
 
-Serial (``replandscape run rsa CONFIG``) or under ``mpiexec``/``srun --mpi=pmix``, scheduled like
-the geometry analysis (:mod:`replandscape.stages.analyze`): one task is one site (span sites
+Serial (``replandscape run rsa CONFIG``) or under ``mpiexec``/``srun --mpi=pmix``, by the loop of
+the geometry analysis (:func:`replandscape.dist.sites.run_sites`): one task is one site (span sites
 ``SITE@SPAN.POOL`` included) of one activation file whose task declares hypotheses; ranks take
 tasks dynamically and write one JSON per task atomically, so a re-run skips finished tasks (same
 parameters, same input file). Rank 0 gathers the task files into ``rsa/results.json``:
@@ -33,7 +33,6 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,8 @@ import numpy as np
 from replandscape import __version__
 from replandscape.atomic import write_text_atomic
 from replandscape.config import ExperimentConfig, RsaConfig
-from replandscape.dist import mpi
+from replandscape.dist.sites import run_sites, task_key
 from replandscape.errors import UserError
-from replandscape.lock import stage_lock
-from replandscape.progress import progress as make_progress
 from replandscape.results import n_blocks_from_sites, params_hash, site_depths
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -81,7 +78,7 @@ class Task:
 
     @property
     def key(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.run}__{self.site}")
+        return task_key(self.run, self.site)
 
 
 def rsa_params(cfg: RsaConfig) -> dict[str, Any]:
@@ -492,18 +489,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_task(path: Path, phash: str, task: Task) -> dict[str, Any] | None:
-    """The row of a finished task computed with these parameters on this input, else None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("row"), dict) \
-            or data.get("params_hash") != phash or data.get("input_id") != task.input_id:
-        return None
-    return dict(data["row"])
-
-
 def _check(cfg: ExperimentConfig) -> None:
     """The asked task declares hypotheses; the counts are usable."""
     from replandscape.metrics.rsa import task_hypotheses
@@ -526,76 +511,28 @@ def _check(cfg: ExperimentConfig) -> None:
 
 def run(cfg: ExperimentConfig) -> Path:
     """RSA and probes of every (run, site) of ``cfg``'s activations; returns the results path."""
-    from replandscape.stages.analyze import activation_files, report_changed_inputs
+    from replandscape.stages.analyze import activation_files
 
-    comm = mpi.world()
-    out = cfg.output_dir / "rsa"
-    task_dir = out / "tasks"
     params = rsa_params(cfg.rsa)
     phash = params_hash(params)
-    with ExitStack() as held:
-        with mpi.abort_on_error(comm, "planning"):
-            if comm.rank == 0:
-                held.enter_context(stage_lock(out, "rsa"))
-                _check(cfg)
-                task_dir.mkdir(parents=True, exist_ok=True)
-                tasks, runs = plan_tasks(cfg, activation_files(cfg))
-                changed = report_changed_inputs(task_dir, phash, tasks, stage="rsa")
-                if changed:
-                    print(changed, file=sys.stderr, flush=True)
-                plan: Any = (tasks, runs)
-            else:
-                plan = None
-            tasks, runs = comm.bcast(plan, root=0)
-        return _run_planned(cfg, comm, tasks, runs, params, phash)
 
+    def plan() -> tuple[list[Task], dict[str, Any]]:
+        _check(cfg)
+        return plan_tasks(cfg, activation_files(cfg))
 
-def _run_planned(cfg: ExperimentConfig, comm: Any, tasks: list[Task], runs: dict[str, Any],
-                 params: dict[str, Any], phash: str) -> Path:
-    out = cfg.output_dir / "rsa"
-    task_dir = out / "tasks"
-    threads = mpi.threads_per_rank(comm, cfg.rsa.threads_per_rank)
-    done_here = 0
-    progress = make_progress(len(tasks), "rsa", show=comm.rank == 0, unit="site")
-    try:
-        for index in mpi.dynamic_tasks(comm, len(tasks)):
-            task = tasks[index]
-            path = task_dir / f"{task.key}.json"
-            if _read_task(path, phash, task) is not None:
-                progress.update(1)
-                continue
-            probe_labels = cfg.rsa.probe_labels
-            if probe_labels is None:
-                probe_labels = DEFAULT_PROBE_LABELS.get(task.task, ())
-            with mpi.abort_on_error(comm, f"{task.run} site {task.site}"):
-                row = run_task(task, cfg, probe_labels, threads)
-            write_text_atomic(path, json.dumps(_plain({"params_hash": phash,
-                                                       "input_id": task.input_id, "row": row})))
-            done_here += 1
-            progress.update(1)
-    finally:
-        # the bar leaves its line, so that an error is a line of its own
-        progress.close()
-    counts = comm.gather(done_here, root=0)
-    results_path = out / "results.json"
-    if comm.rank == 0:
-        rows = []
-        with mpi.abort_on_error(comm, "gathering the results"):  # the others wait in Barrier
-            for task in tasks:
-                found = _read_task(task_dir / f"{task.key}.json", phash, task)
-                if found is None:
-                    raise UserError(f"task {task.key} has no result", file=str(task_dir),
-                                    fix="re-run the rsa stage")
-                rows.append(found)
-            rows.sort(key=lambda r: (r["run"], r["site_index"]))
-            results = {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION,
-                       "code_version": __version__, "rsa_params": params,
-                       "rsa_params_hash": phash, "runs": runs, "rows": rows,
-                       "icl": icl_changes(runs, rows),
-                       "attention": attention_ratios(cfg, runs)}
-            write_text_atomic(results_path, json.dumps(_plain(results), indent=1,
-                                                       allow_nan=False))
-        print(f"[rsa] {len(rows)} tasks ({sum(counts)} computed now, over {comm.size} "
-              f"rank(s)) -> {results_path}", file=sys.stderr, flush=True)
-    comm.Barrier()
-    return results_path
+    def compute(task: Task, threads: int) -> dict[str, Any]:
+        probe_labels = cfg.rsa.probe_labels
+        if probe_labels is None:
+            probe_labels = DEFAULT_PROBE_LABELS.get(task.task, ())
+        return _plain(run_task(task, cfg, probe_labels, threads))
+
+    def write(runs: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+        rows.sort(key=lambda r: (r["run"], r["site_index"]))
+        results = {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION,
+                   "code_version": __version__, "rsa_params": params, "rsa_params_hash": phash,
+                   "runs": runs, "rows": rows, "icl": icl_changes(runs, rows),
+                   "attention": attention_ratios(cfg, runs)}
+        write_text_atomic(path, json.dumps(_plain(results), indent=1, allow_nan=False))
+
+    return run_sites("rsa", cfg.output_dir / "rsa", phash, plan=plan, compute=compute,
+                     write=write, threads_per_rank=cfg.rsa.threads_per_rank)
