@@ -10,14 +10,16 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import cli, one_line_error
+from helpers import cli, launch_ranks, one_line_error
 from test_task_axis import task_config
 
 
-def _patch_config(tmp: Path, task: str = "expression", **sections: dict) -> Path:
-    return task_config(tmp, task, prompts={"shots": [0, 2]},
+def _patch_config(tmp: Path, task: str = "expression", name: str = "cfg.yaml",
+                  **sections: dict) -> Path:
+    path = task_config(tmp, task, prompts={"shots": [0, 2], **sections.pop("prompts", {})},
                        patch={"limit": 4, "pair_batch": 2, **sections.pop("patch", {})},
                        **sections)
+    return path if path.name == name else path.rename(path.with_name(name))
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -61,13 +63,85 @@ def test_patch_stage_writes_effects_and_circuit_shift_and_resumes(tmp_path: Path
                                              "patching_heads_tiny_expression.png"]
     # a kill after some batches: the finished batches are kept, the rest recomputed, same result
     (out / "shots2.h5").unlink()
-    batches = sorted((out / "shots2.parts").glob("batch*.npz"))
+    batches = sorted((out / "shots2.parts").glob("unit*.npz"))
     batches[-1].unlink()
     again = cli("run", "patch", str(cfg))
     assert again.returncode == 0, again.stderr[-3000:]
     second = _arrays(out / "shots2.h5")
     for key, value in first.items():
         np.testing.assert_array_equal(second[key], value, err_msg=key)
+
+
+def _patched_lds(path: Path) -> dict[str, np.ndarray]:
+    """The patched logit differences behind the stored effects (effect x (LD_corrupt - LD_clean)
+    + LD_clean): the effects divide by a difference that float32 rounding can make small."""
+    with h5py.File(path, "r") as fh:
+        clean, corrupt = fh["rows/ld_clean"][:], fh["rows/ld_corrupt"][:]
+        out = {"ld_clean": clean, "ld_corrupt": corrupt}
+        for key in ("effects/heads", "effects/mlp", "effects/resid", "attribution/heads",
+                    "attribution/mlp", "attribution/resid"):
+            effect = fh[key][:]
+            shape = (-1,) + (1,) * (effect.ndim - 1)
+            out[key] = effect * (corrupt - clean).reshape(shape) + clean.reshape(shape)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_give_the_one_rank_effects(tmp_path: Path, zero_stage: int) -> None:
+    """Data-parallel (each rank a whole model) and ZeRO-3 (the weights partitioned, ranks kept in
+    step by padded and dummy rounds: 5 pairs in 3 units of 2 over 2 ranks leave rank 1 a dummy
+    round) give the one-rank run's effects; a hang here is a rank out of step."""
+    common = {"prompts": {"shots": [2]}, "patch": {"limit": 5, "pair_batch": 2},
+              "extract": {"zero_stage": zero_stage}}
+    one = _patch_config(tmp_path, name="one.yaml",
+                        run={"name": "t", "output_dir": str(tmp_path / "one")}, **common)
+    two = _patch_config(tmp_path, name="two.yaml",
+                        run={"name": "t", "output_dir": str(tmp_path / "two")}, **common)
+    proc = cli("run", "patch", str(one))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = launch_ranks(2, ["run", "patch", str(two)], timeout=600)
+    assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-3000:]
+    mode = "ZeRO-3, ranks in step" if zero_stage == 3 else "data-parallel"
+    assert f"over 2 rank(s), {mode}" in ranks[0].stderr
+    a = _patched_lds(tmp_path / "one" / "patching" / "shots2.h5")
+    b = _patched_lds(tmp_path / "two" / "patching" / "shots2.h5")
+    assert len(a["ld_clean"]) == 5
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, rtol=0, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_array_shares_then_a_gather_equal_one_run(tmp_path: Path) -> None:
+    """Two Slurm array tasks (patch.part=0, 1) compute disjoint shares of the units, the gather
+    run computes nothing and writes what one uninterrupted run writes."""
+    common = {"patch": {"limit": 4, "pair_batch": 1}}
+    whole = _patch_config(tmp_path, name="whole.yaml",
+                          run={"name": "t", "output_dir": str(tmp_path / "whole")}, **common)
+    split = _patch_config(tmp_path, name="split.yaml",
+                          run={"name": "t", "output_dir": str(tmp_path / "split")}, **common)
+    assert cli("run", "patch", str(whole)).returncode == 0
+    out = tmp_path / "split" / "patching"
+    seen: list[set[str]] = []
+    for part in (0, 1):
+        before = {p.relative_to(out).as_posix() for p in out.glob("*.parts/unit*.npz")}
+        proc = cli("run", "patch", str(split), "patch.parts=2", f"patch.part={part}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / f"part{part}of2.done").is_file() and not (out / "circuits.json").exists()
+        after = {p.relative_to(out).as_posix() for p in out.glob("*.parts/unit*.npz")}
+        seen.append(after - before)
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert not list(out.glob("shots*.h5"))  # shares are not gathered
+    gather = cli("run", "patch", str(split), "patch.parts=2")
+    assert gather.returncode == 0, gather.stderr[-3000:]
+    assert "unit(s) to run" not in gather.stderr  # every unit was computed by the shares
+    for cond in ("shots0", "shots2"):
+        a = _arrays(tmp_path / "whole" / "patching" / f"{cond}.h5")
+        b = _arrays(out / f"{cond}.h5")
+        for key, value in a.items():
+            np.testing.assert_array_equal(b[key], value, err_msg=f"{cond} {key}")
+    line = one_line_error(cli("run", "patch", str(split), "patch.parts=2", "patch.part=2"))
+    assert "patch.part" in line
 
 
 def test_a_task_without_pairs_is_one_line(tmp_path: Path) -> None:
@@ -91,6 +165,16 @@ def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path
     patch = jobs["t-expression/patch"]
     assert set(patch.depends_on) == {"t-expression/extract", "t-expression/finetune"}
     assert patch.outputs[0].endswith("patching/circuits.json") and not patch.done
+    assert not patch.array and "t-expression/patch-gather" not in jobs
+    # patch.parts: an array of shares, then one job that gathers them and draws the shift
+    parted = {j.key: j for j in plan_sweep(load_sweep(sweep, ["cluster=local-slurm",
+                                                              "patch.parts=3"]))}
+    shares, gather = parted["t-expression/patch"], parted["t-expression/patch-gather"]
+    assert shares.array == (("patch.part=0",), ("patch.part=1",), ("patch.part=2",))
+    assert [Path(o).name for o in shares.array_outputs] == [f"part{i}of3.done" for i in range(3)]
+    assert set(shares.depends_on) == {"t-expression/extract", "t-expression/finetune"}
+    assert gather.depends_on == ("t-expression/patch",) and gather.stage == "patch"
+    assert gather.outputs[0].endswith("patching/circuits.json")
 
 
 def test_knockout_stage_reports_each_position_set_and_the_scan(tmp_path: Path) -> None:

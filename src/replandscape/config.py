@@ -224,6 +224,13 @@ class PatchConfig:
     pair_batch: int = 4
     # circuit shift: the top-k components compared between conditions, by absolute effect
     top_k: int = 10
+    # Slurm array tasks sharing the work units (condition x pair group): a sweep queues `parts`
+    # tasks, task I run with patch.part=I, then one job that gathers them into the effect files
+    # and the circuit shift
+    parts: int = 1
+    # the share this run computes (0..parts-1), nothing gathered; null: every unit not yet done,
+    # then the gather
+    part: int | None = None
 
 
 @dataclass(frozen=True)
@@ -676,6 +683,14 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
         for key in ("n_test", "n_dev", "n_train"):
             if getattr(t, key) < 1:
                 raise bad(f"task.{key}", "must be at least 1", "use a positive number")
+    pt = cfg.patch
+    if pt.parts < 1:
+        raise bad("patch.parts", f"{pt.parts} array tasks", "use 1 or more")
+    if pt.part is not None and not 0 <= pt.part < pt.parts:
+        raise bad("patch.part", f"share {pt.part} of {pt.parts}",
+                  f"use 0..{pt.parts - 1} (or raise patch.parts)")
+    if pt.pair_batch < 1:
+        raise bad("patch.pair_batch", f"{pt.pair_batch} pairs a group", "use 1 or more")
     p = cfg.prompts
     if not p.shots:
         raise bad("prompts.shots", "no shot counts given", "list at least one, e.g. [0, 5]")

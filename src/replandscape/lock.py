@@ -36,7 +36,7 @@ from pathlib import Path
 
 from replandscape.errors import UserError
 
-__all__ = ["lock_path", "read_holder", "stage_lock"]
+__all__ = ["lock_path", "rank0_stage_lock", "read_holder", "stage_lock"]
 
 # Tries to get a lock whose file another process unlinks (releases) between our open and our
 # flock; each retry sees a newer file, so a few tries are plenty.
@@ -137,3 +137,28 @@ def _acquire(path: Path, stage: str) -> int:
     raise UserError(f"could not take the lock for stage {stage!r} after {_MAX_TRIES} tries: "
                     "other runs keep taking and releasing it", file=str(path),
                     fix="run one job per output folder and stage at a time")
+
+
+@contextlib.contextmanager
+def rank0_stage_lock(folder: Path, stage: str) -> Iterator[None]:
+    """:func:`stage_lock` for a run of several torch ranks: rank 0 creates the folder and holds
+    the lock, and every rank learns whether it got it (all raise the same one line if not), so
+    no rank starts alone.
+
+    Raises:
+        UserError: As :func:`stage_lock`, on every rank.
+    """
+    from replandscape.dist import torchdist
+    from replandscape.outputs import ensure_dir
+
+    with contextlib.ExitStack() as stack:
+        problem: str | None = None
+        if torchdist.rank_info().is_main:
+            try:
+                stack.enter_context(stage_lock(ensure_dir(folder), stage))
+            except UserError as exc:
+                problem = str(exc)
+        problem = torchdist.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        yield

@@ -151,11 +151,12 @@ def _check(pairs: Sequence[PromptPair], components: Sequence[str]) -> None:
                         fix=f"use some of {', '.join(COMPONENTS)}")
 
 
-def _groups(pairs: Sequence[PromptPair], pair_batch: int) -> list[list[int]]:
-    """Pair indices grouped by token length (no padding inside a group), ``pair_batch`` at most."""
+def length_groups(lengths: Sequence[int], pair_batch: int) -> list[list[int]]:
+    """Pair indices grouped by token length (no padding inside a group), ``pair_batch`` at most,
+    in a fixed order (lengths by first appearance): the units the patch stage hands out."""
     by_len: dict[int, list[int]] = {}
-    for n, pair in enumerate(pairs):
-        by_len.setdefault(len(pair.clean_ids), []).append(n)
+    for n, length in enumerate(lengths):
+        by_len.setdefault(int(length), []).append(n)
     out: list[list[int]] = []
     for idx in by_len.values():
         out.extend(idx[i:i + max(1, pair_batch)] for i in range(0, len(idx), max(1, pair_batch)))
@@ -331,7 +332,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], *, method: Meth
     ld_source = np.full(len(pairs), np.nan)
     run = _last_token_group if method == "last_token" else _full_group
     with torch.inference_mode():
-        for group in _groups(pairs, pair_batch):
+        for group in length_groups([len(p.clean_ids) for p in pairs], pair_batch):
             base_ids = _ids(pairs, group, base_key, device)
             source_ids = _ids(pairs, group, source_key, device)
             good, bad = _answers(pairs, group, device)

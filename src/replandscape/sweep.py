@@ -15,7 +15,8 @@ A sweep file::
       overrides: ["analysis.maxk=500"]    # optional: applied to every experiment
       models: [qwen1.5-0.5b, pythia-1.4b] # optional axis: each experiment once per model file
       tasks: [expression, boolean]        # optional axis: each experiment once per task
-      patch: true                         # optional: a patch job per experiment (circuit shift)
+      patch: true                         # optional: a patch job per experiment (circuit shift;
+                                          # with patch.parts > 1 an array and a gather job)
       rsa: true                           # optional: an rsa job per experiment (RSA, probes)
 
 With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
@@ -387,11 +388,7 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             jobs.append(eft)
             deps.append(eft.key)
         if sweep.patch:
-            circuits = out / "patching" / "circuits.json"
-            patch_deps = [extract.key] + ([f"{name}/finetune"] if cfg.finetune.enabled else [])
-            jobs.append(_job(cfg, exp, "patch", f"{name}/patch", gpus=cfg.model.gpus,
-                             depends_on=tuple(patch_deps), outputs=(str(circuits),),
-                             done=circuits.is_file()))
+            jobs.extend(_patch_jobs(cfg, exp, name, extract.key))
         if sweep.rsa:
             rsa_results = out / "rsa" / "results.json"
             rsa_deps = [j.key for j in jobs if j.key in (extract.key, f"{name}/extract-ft")]
@@ -424,6 +421,32 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             done.discard(job.key)
         job.depends_on = tuple(d for d in job.depends_on if d not in done)
     return jobs
+
+
+def _patch_jobs(cfg: ExperimentConfig, exp: Experiment, name: str,
+                extract_key: str) -> list[JobSpec]:
+    """The patching of one experiment, after its extraction and fine-tuning: one job, or with
+    ``patch.parts`` > 1 an array of that many tasks (task I computes share I of the work units,
+    ``patch.part=I``) and a job after it that gathers the shares and draws the circuit shift."""
+    from replandscape.stages.patch import part_marker
+
+    circuits = cfg.output_dir / "patching" / "circuits.json"
+    deps = (extract_key,) + ((f"{name}/finetune",) if cfg.finetune.enabled else ())
+    done = circuits.is_file()
+    parts = cfg.patch.parts
+    if parts == 1:
+        return [_job(cfg, exp, "patch", f"{name}/patch", gpus=cfg.model.gpus, depends_on=deps,
+                     outputs=(str(circuits),), done=done)]
+    markers = [str(part_marker(cfg, i)) for i in range(parts)]
+    pending = [i for i in range(parts) if not done and not Path(markers[i]).is_file()]
+    shares = _job(cfg, exp, "patch", f"{name}/patch", gpus=cfg.model.gpus, depends_on=deps,
+                  array=tuple((f"patch.part={i}",) for i in (pending or range(parts))),
+                  array_labels=tuple(f"part{i}" for i in (pending or range(parts))),
+                  array_outputs=tuple(markers[i] for i in (pending or range(parts))),
+                  outputs=tuple(markers), done=not pending)
+    gather = _job(cfg, exp, "patch", f"{name}/patch-gather", gpus=cfg.model.gpus,
+                  depends_on=(shares.key,), outputs=(str(circuits),), done=done)
+    return [shares, gather]
 
 
 def output_complete(stage: str, path: str | Path, cfg: ExperimentConfig | None = None) -> bool:

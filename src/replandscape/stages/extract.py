@@ -503,17 +503,7 @@ def condition_lock(cfg: ExperimentConfig, condition: Condition,
                    info: torchdist.RankInfo) -> Iterator[None]:
     """One live writer per condition's output (the conditions of a sweep run side by side as
     array tasks in one folder): rank 0 holds the lock, every rank learns whether it got it."""
-    from replandscape.lock import stage_lock
+    from replandscape.lock import rank0_stage_lock
 
-    with contextlib.ExitStack() as stack:
-        problem: str | None = None
-        if info.is_main:
-            try:
-                folder = ensure_dir(cfg.output_dir / "activations")
-                stack.enter_context(stage_lock(folder, f"extract-{condition.name}"))
-            except UserError as exc:
-                problem = str(exc)
-        problem = torchdist.broadcast_object(problem)
-        if problem is not None:
-            raise UserError(problem)
+    with rank0_stage_lock(cfg.output_dir / "activations", f"extract-{condition.name}"):
         yield

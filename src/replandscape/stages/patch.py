@@ -4,10 +4,23 @@ how much that circuit shifts between conditions (docs/method.md §7.7).
 For every condition (base model at each shot count of ``patch.shots``, and each fine-tuned
 checkpoint the extraction lists), the pairs of the run's task (a clean prompt and its corrupted twin
 of equal token length, :mod:`replandscape.tasks.pairs`) go through exact activation patching
-(:func:`replandscape.patching.activation_patching`) and, by option, attribution patching. Work is
-(condition x pair batch): batches are spread over the torch ranks (each rank runs the whole model:
-data-parallel), each batch is saved atomically as it finishes (``patching/CONDITION.parts/``), so a
-killed job resumes without repeating or losing a pair, and rank 0 gathers them into
+(:func:`replandscape.patching.activation_patching`) and, by option, attribution patching.
+
+Work is (condition x work unit), a unit being up to ``patch.pair_batch`` pairs of one token length
+(the engine runs them as one batch). Units are spread three ways:
+
+- over Slurm array tasks (``patch.parts``; task I runs with ``patch.part=I`` and takes the units
+  ``(unit + condition index) % parts == I``; a later run without ``patch.part`` gathers);
+- over torch ranks, data-parallel when the model fits one device (each rank loads it whole and
+  takes every world-size-th unit), or partitioned by ZeRO-3 (``extract.zero_stage: 3``, as
+  extraction): then every rank runs every round with exactly ``pair_batch`` pairs (a unit padded by
+  repeating its last pair, a rank short of units running a copy whose rows are dropped), because
+  ZeRO-3 gathers each module's weights collectively and the engine's forward calls depend only on
+  the number of pairs;
+- in time: each unit is saved atomically as it finishes (``patching/CONDITION.parts/unitU.npz``
+  with its pair indices), so a killed job resumes without repeating or losing a pair.
+
+Rank 0 of the gathering run puts the rows back in pair order into
 ``patching/CONDITION.h5``::
 
     /                     attrs: kind "replandscape.patching", schema_version, condition fields
@@ -95,15 +108,12 @@ def stage_hash(cfg: ExperimentConfig, condition: Condition, pairs: Any) -> str:
                                   p.clean_answer_id, p.corrupt_answer_id]).encode())
     key = {"task": d["task"], "model": d["model"], "patch": {k: v for k, v in d["patch"].items()
                                                              if k not in ("pair_batch",
-                                                                          "top_k")},
+                                                                          "top_k", "parts",
+                                                                          "part")},
            "condition": [condition.name, condition.shots, condition.checkpoint_step,
                          condition.method], "extract_adapter": d["extract"]["adapter"],
            "pairs": digest.hexdigest()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def _batches(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def _engine_pairs(pairs: Sequence[Any]) -> list[Any]:
@@ -113,9 +123,64 @@ def _engine_pairs(pairs: Sequence[Any]) -> list[Any]:
             for p in pairs]
 
 
-def patch_condition(cfg: ExperimentConfig, condition: Condition, device: str,
-                    info: torchdist.RankInfo) -> Path:
-    """Patch every pair of one condition into ``patching/<name>.h5``; resumes a partial run."""
+def work_units(pairs: Sequence[Any], pair_batch: int) -> list[list[int]]:
+    """The condition's work units: pair indices of one token length, ``pair_batch`` at most."""
+    from replandscape.patching import length_groups
+
+    return length_groups([len(p.clean_ids) for p in pairs], pair_batch)
+
+
+def in_part(unit: int, condition_index: int, cfg: ExperimentConfig) -> bool:
+    """Whether ``unit`` of the ``condition_index``-th condition is this run's share: units go
+    round-robin over ``patch.parts`` array tasks, shifted per condition so that conditions of
+    few units spread too; with ``patch.part`` null every unit is."""
+    part, parts = cfg.patch.part, cfg.patch.parts
+    return part is None or (unit + condition_index) % parts == part
+
+
+def _unit_file(parts: Path, unit: int) -> Path:
+    return parts / f"unit{unit:06d}.npz"
+
+
+def _unit_done(parts: Path, unit: int, index: Sequence[int]) -> bool:
+    """A unit's file exists and holds these pairs (``patch.pair_batch`` may have changed)."""
+    path = _unit_file(parts, unit)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return bool(np.array_equal(z["index"], np.asarray(index)))
+    except (OSError, ValueError, KeyError):
+        return False  # a damaged unit file is computed again (written atomically: rare)
+
+
+def _lockstep_schedule(todo: Sequence[int], units: Sequence[Sequence[int]], pair_batch: int,
+                       info: torchdist.RankInfo) -> list[tuple[int | None, list[int]]]:
+    """This rank's rounds under ZeRO-3: (unit or None for a dummy round, pair indices run).
+
+    ZeRO-3 gathers each module's parameters collectively, so every rank must run the same
+    forward calls: every round runs exactly ``pair_batch`` pairs of one length (a unit is
+    padded by repeating its last pair) and a rank without a unit in a round runs a copy of the
+    first unit whose results are dropped. The engine's calls depend only on the number of
+    pairs and the components, so all ranks stay in step.
+    """
+    rounds = -(-len(todo) // info.world_size)
+    out: list[tuple[int | None, list[int]]] = []
+    for r in range(rounds):
+        i = r * info.world_size + info.rank
+        unit = todo[i] if i < len(todo) else None
+        index = list(units[todo[0] if unit is None else unit])
+        out.append((unit, index + [index[-1]] * (pair_batch - len(index))))
+    return out
+
+
+def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index: int,
+                    device: str, info: torchdist.RankInfo) -> Path | None:
+    """Patch this run's share of one condition's pairs (every pair without ``patch.part``) and,
+    without ``patch.part``, gather them into ``patching/<name>.h5``; resumes a partial run.
+
+    Returns the condition's file, or None when this run (an array task) only computed its share.
+    """
     import torch
 
     from replandscape.loading import load_for_extraction
@@ -136,6 +201,8 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, device: str,
                         file=str(final), key="stage_hash",
                         fix="use another run.output_dir or delete the file")
     parts = out / f"{condition.name}.parts"
+    units = work_units(pairs.pairs, cfg.patch.pair_batch)
+    todo: list[int] = []
     if info.is_main:
         ensure_dir(parts)
         stamp = parts / "stage.sha256"
@@ -143,19 +210,30 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, device: str,
             raise UserError("a partial patching run of another config is here", file=str(parts),
                             fix="delete the folder to start over")
         write_text_atomic(stamp, s_hash + "\n")
-    torchdist.barrier()
-    batches = _batches(len(pairs.pairs), cfg.patch.pair_batch)
-    mine = [b for i, b in enumerate(batches) if i % info.world_size == info.rank
-            and not (parts / f"batch{b[0]:06d}.npz").is_file()]
-    if mine:
-        # data-parallel: every rank runs the whole model on its own pairs
-        plain = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, zero_stage=0))
-        loaded = load_for_extraction(plain, device, condition.adapter, condition.model_path)
-        for start, stop in mine:
-            engine_pairs = _engine_pairs(pairs.pairs[start:stop])
+        # decided once, on rank 0: a rank checking later could see a unit another just wrote
+        todo = [u for u, index in enumerate(units) if in_part(u, condition_index, cfg)
+                and not _unit_done(parts, u, index)]
+    todo = torchdist.broadcast_object(todo)
+    zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
+    if zero3:  # every rank holds a share of the weights and runs every round
+        schedule = _lockstep_schedule(todo, units, cfg.patch.pair_batch, info) if todo else []
+    else:  # data-parallel: every rank runs the whole model on its own units
+        schedule = [(u, list(units[u])) for u in todo[info.rank::info.world_size]]
+    if todo:
+        how = ("ZeRO-3, ranks in step" if zero3 else
+               "data-parallel" if info.world_size > 1 else "one rank")
+        share = "" if cfg.patch.part is None else f" (share {cfg.patch.part} of {cfg.patch.parts})"
+        torchdist.print0(f"[patch] {condition.name}: {len(todo)} of {len(units)} unit(s) to run"
+                         f"{share} over {info.world_size} rank(s), {how}")
+    if schedule:
+        model_cfg = cfg if zero3 else dataclasses.replace(
+            cfg, extract=dataclasses.replace(cfg.extract, zero_stage=0))
+        loaded = load_for_extraction(model_cfg, device, condition.adapter, condition.model_path)
+        for unit, index in schedule:
+            engine_pairs = _engine_pairs([pairs.pairs[i] for i in index])
             exact = activation_patching(loaded.model, engine_pairs, method=cfg.patch.method,
                                         direction=cfg.patch.direction,
-                                        pair_batch=cfg.patch.pair_batch)
+                                        pair_batch=len(engine_pairs))
             arrays = {f"effects/{k}": getattr(exact, k) for k in EFFECTS}
             arrays.update(ld_clean=exact.ld_base, ld_corrupt=exact.ld_source)
             if cfg.patch.attribution:
@@ -163,11 +241,18 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, device: str,
                     approx = attribution_patching(loaded.model, engine_pairs,
                                                   direction=cfg.patch.direction)
                 arrays.update({f"attribution/{k}": getattr(approx, k) for k in EFFECTS})
-            write_npz_atomic(parts / f"batch{start:06d}.npz", arrays)
+            if unit is None:
+                continue  # a dummy round that kept this rank in step
+            n = len(units[unit])  # padded rows dropped
+            arrays = {k: v[:n] for k, v in arrays.items()}
+            arrays["index"] = np.asarray(units[unit], dtype=np.int64)
+            write_npz_atomic(_unit_file(parts, unit), arrays)
         del loaded
     torchdist.barrier()
+    if cfg.patch.part is not None:
+        return None
     if info.is_main:
-        _finalize(cfg, condition, pairs, s_hash, batches, parts, final)
+        _finalize(cfg, condition, pairs, s_hash, units, parts, final)
     torchdist.barrier()
     return final
 
@@ -188,23 +273,27 @@ def _open(path: Path) -> Any:
 
 
 def _finalize(cfg: ExperimentConfig, condition: Condition, pairs: Any, s_hash: str,
-              batches: Sequence[tuple[int, int]], parts: Path, final: Path) -> None:
+              units: Sequence[Sequence[int]], parts: Path, final: Path) -> None:
+    """Every unit's rows put back in pair order, into the condition's file (atomically)."""
     import h5py
 
-    loaded = []
-    for start, _stop in batches:
-        path = parts / f"batch{start:06d}.npz"
-        if not path.is_file():
-            raise UserError(f"pair batch {start} has no result", file=str(parts),
-                            fix="re-run the patch stage to resume it")
-        with np.load(path, allow_pickle=False) as z:
-            loaded.append({k: z[k] for k in z.files})
-    joined = {k: np.concatenate([b[k] for b in loaded]) for k in loaded[0]} if loaded else {}
+    joined: dict[str, np.ndarray] = {}
+    for unit, index in enumerate(units):
+        if not _unit_done(parts, unit, index):
+            raise UserError(f"work unit {unit} (pairs {list(index)}) has no result",
+                            file=str(parts), fix="re-run the patch stage to resume it")
+        with np.load(_unit_file(parts, unit), allow_pickle=False) as z:
+            for key in z.files:
+                if key == "index":
+                    continue
+                if key not in joined:
+                    joined[key] = np.full((len(pairs.pairs), *z[key].shape[1:]), np.nan)
+                joined[key][np.asarray(index)] = z[key]
     tmp = final.with_name(final.name + ".tmp")
     with h5py.File(tmp, "w") as fh:
-        for key, value in joined.items():
+        for key, array in joined.items():
             if key.startswith(("effects/", "attribution/")):
-                fh.create_dataset(key, data=value)
+                fh.create_dataset(key, data=array)
         rows = fh.create_group("rows")
         rows.create_dataset("pair_id", data=np.asarray([p.id for p in pairs.pairs]))
         str_dt = h5py.string_dtype()
@@ -282,17 +371,38 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def part_marker(cfg: ExperimentConfig, part: int) -> Path:
+    """What array task ``part`` leaves last: its share of every condition is computed."""
+    return cfg.output_dir / "patching" / f"part{part}of{cfg.patch.parts}.done"
+
+
 def run(cfg: ExperimentConfig) -> Path:
-    """Patch every condition of ``cfg`` and compare their circuits; returns circuits.json."""
+    """Patch every condition of ``cfg`` and compare their circuits; returns circuits.json (or,
+    for an array task with ``patch.part``, the marker of its finished share)."""
+    from replandscape.lock import rank0_stage_lock
+
     device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
     info = torchdist.init_distributed(device)
-    files = {}
-    for cond in conditions(cfg):
-        files[cond.name] = patch_condition(cfg, cond, device, info)
-        torchdist.print0(f"[patch] {cond.name}: {files[cond.name]}")
-    path = cfg.output_dir / "patching" / "circuits.json"
-    if info.is_main:
-        path = circuits(cfg, files)
-        torchdist.print0(f"[patch] circuit shift of {len(files)} condition(s) -> {path}")
-    torchdist.barrier()
+    part = cfg.patch.part
+    lock = "patch" if part is None else f"patch-part{part}"
+    with rank0_stage_lock(cfg.output_dir / "patching", lock):
+        files: dict[str, Path] = {}
+        for i, cond in enumerate(conditions(cfg)):
+            done = patch_condition(cfg, cond, i, device, info)
+            if done is not None:
+                files[cond.name] = done
+                torchdist.print0(f"[patch] {cond.name}: {done}")
+        if part is not None:
+            marker = part_marker(cfg, part)
+            if info.is_main:
+                write_text_atomic(marker, json.dumps({"part": part, "parts": cfg.patch.parts,
+                                                      "config_hash": cfg.hash}) + "\n")
+            torchdist.print0(f"[patch] share {part} of {cfg.patch.parts} done -> {marker}")
+            torchdist.barrier()
+            return marker
+        path = cfg.output_dir / "patching" / "circuits.json"
+        if info.is_main:
+            path = circuits(cfg, files)
+            torchdist.print0(f"[patch] circuit shift of {len(files)} condition(s) -> {path}")
+        torchdist.barrier()
     return path
