@@ -40,7 +40,16 @@ window the outputs are the change of accuracy (the argmax of the last position's
 answer's first token) and the mean change of the answer's first-token log-probability. The scan
 mode knocks out one position at a time, the 1st to the Nth before the last token (the last token
 itself is read by nothing later), and reports the offset whose knockout moves the log-probability
-most (largest mean absolute change).
+most (largest mean absolute change). Prompts go through in consecutive batches of
+``batch_size``; the scan uses the same batches, each less its prompts too short for the offset.
+
+Split over ranks (:mod:`replandscape.stages.knockout`), :func:`shares` gives each rank a
+contiguous block of whole batches, so every prompt is scored in the batch it has in a one-rank
+run. :func:`run_knockout` and :func:`scan_knockout` score one share but check every prompt (bad
+input fails on all ranks alike), :func:`planned_forwards` counts a share's forward passes before
+any runs (ranks of a partitioned model pad to the largest count with :func:`idle_forward`), and
+:func:`merge_knockout` and :func:`merge_scans` rebuild the one-rank result from the shares'
+per-prompt values: the lists in prompt order, every mean recomputed from them.
 """
 
 from __future__ import annotations
@@ -306,11 +315,112 @@ def answer_scores(model: Any, batch: Sequence[Encoded], pad_id: int,
             (logits.argmax(-1) == answers).cpu().numpy())
 
 
-def _batches(n: int, size: int) -> list[range]:
+def idle_forward(model: Any, pad_id: int) -> None:
+    """One forward pass over a single token, its output discarded: what a rank whose own work is
+    done runs while a ZeRO-3 partitioned model needs every rank in each forward pass (each
+    module's parameters are gathered from all ranks as it runs)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.full((1, 1), int(pad_id), dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+
+# --------------------------------------------------------------------------------------------
+# shares and batches
+# --------------------------------------------------------------------------------------------
+
+
+def _check_batch_size(size: int) -> None:
     if size < 1:
         raise UserError(f"batch size {size} is not positive", key="knockout.batch_size",
                         fix="use a batch size of 1 or more")
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def shares(n: int, batch_size: int, world: int) -> list[range]:
+    """Each rank's prompts: contiguous blocks of whole batches, the batch counts differing by at
+    most one (the first ranks take the extra ones; a rank past the last batch gets none).
+
+    A block starts at a multiple of ``batch_size``, so its batches are those of a one-rank run
+    and every prompt is scored in the same batch, with the same padding, as there.
+    """
+    _check_batch_size(batch_size)
+    n_batches = -(-n // batch_size)
+    per, extra = divmod(n_batches, world)
+    out, first = [], 0
+    for r in range(world):
+        count = per + (1 if r < extra else 0)
+        out.append(range(min(first * batch_size, n), min((first + count) * batch_size, n)))
+        first += count
+    return out
+
+
+def _rows(share: range | None, n: int) -> range:
+    if share is None:
+        return range(n)
+    if share.step != 1 or not 0 <= share.start <= share.stop <= n:
+        raise ValueError(f"share {share} is not a block of the {n} prompts")
+    return share
+
+
+def _batches(rows: range, size: int) -> list[list[int]]:
+    """Consecutive batches of ``size`` rows (the batch boundaries of a one-rank run when
+    ``rows`` starts at a multiple of ``size``)."""
+    _check_batch_size(size)
+    return [list(range(i, min(i + size, rows.stop))) for i in range(rows.start, rows.stop, size)]
+
+
+def _scan_batches(lengths: Sequence[int], batches: Sequence[Sequence[int]],
+                  offset: int) -> list[list[int]]:
+    """The batches of the scan at ``offset``: each batch less its prompts too short to have a
+    position there (``offset + 1`` tokens or fewer), empty ones dropped."""
+    kept = [[i for i in rows if lengths[i] - 1 - offset >= 0] for rows in batches]
+    return [rows for rows in kept if rows]
+
+
+def scan_offsets(last_n: int, lengths: Sequence[int]) -> list[int]:
+    """The scan's offsets before the last token: 1 to ``last_n``, as far as the longest prompt
+    reaches.
+
+    Raises:
+        UserError: ``last_n`` is not a positive number, or every prompt is a single token.
+    """
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
+        raise UserError(f"scan over the last {last_n!r} positions", key="knockout.scan_last",
+                        fix="use a positive number of positions")
+    longest = max(lengths, default=0)
+    if longest < 2:
+        raise UserError("every prompt is a single token: no position before the last",
+                        key="knockout.scan_last", fix="use longer prompts")
+    return list(range(1, min(last_n, longest - 1) + 1))
+
+
+def planned_forwards(lengths: Sequence[int], share: range, batch_size: int, n_knockouts: int,
+                     n_windows: int, scan_last: int) -> int:
+    """The forward passes :func:`run_knockout` (``n_knockouts`` = position sets x windows) and
+    then :func:`scan_knockout` over ``n_windows`` windows (``scan_last`` 0: no scan; given the
+    knockout result, so the clean scores are not recomputed) make for the prompts in ``share``;
+    ``lengths`` are the token counts of all prompts."""
+    batches = _batches(_rows(share, len(lengths)), batch_size)
+    n = len(batches) * (1 + n_knockouts)
+    if scan_last:
+        n += n_windows * sum(len(_scan_batches(lengths, batches, j))
+                             for j in scan_offsets(scan_last, lengths))
+    return n
+
+
+def _scores(model: Any, encoded: Sequence[Encoded], pad: int, batches: Sequence[Sequence[int]],
+            knocked: Sequence[Sequence[int]] | None = None,
+            layers: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`answer_scores` over ``batches`` (rows of ``encoded``), concatenated in order."""
+    lps, oks = [np.zeros(0)], [np.zeros(0, dtype=bool)]
+    for rows in batches:
+        lp, ok = answer_scores(model, [encoded[i] for i in rows], pad,
+                               None if knocked is None else [knocked[i] for i in rows], layers)
+        lps.append(lp)
+        oks.append(ok)
+    return np.concatenate(lps), np.concatenate(oks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +430,12 @@ def _batches(n: int, size: int) -> list[range]:
 
 def _num(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
+
+
+def _mean(values: Any) -> float:
+    """The mean of an array (NaN for none: a rank's share may lack an offset's prompts)."""
+    arr = np.asarray(values)
+    return float(arr.mean()) if arr.size else math.nan
 
 
 @dataclass(frozen=True)
@@ -336,6 +452,7 @@ class KnockoutEffect:
     delta_logprob: float  # mean over prompts of knocked minus clean
     per_item_delta_logprob: list[float] = field(default_factory=list)
     per_item_correct: list[bool] = field(default_factory=list)
+    per_item_knocked: list[int] = field(default_factory=list)  # tokens knocked (not in JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {"position_set": self.position_set, "window": list(self.window),
@@ -346,14 +463,31 @@ class KnockoutEffect:
                 "per_item_correct": self.per_item_correct}
 
 
+def _effect(spec: str, window: Window, knocked: Sequence[int], delta: np.ndarray,
+            ok: np.ndarray, clean_ok: np.ndarray) -> KnockoutEffect:
+    """An effect from its per-prompt values (one-rank runs and merges alike: same values in the
+    same order give the same means, bit for bit)."""
+    return KnockoutEffect(
+        position_set=spec, window=window, n=len(delta), mean_knocked=_mean(list(knocked)),
+        accuracy_clean=_mean(clean_ok), accuracy_knocked=_mean(ok),
+        delta_accuracy=_mean(ok) - _mean(clean_ok), delta_logprob=_mean(delta),
+        per_item_delta_logprob=delta.tolist(), per_item_correct=ok.tolist(),
+        per_item_knocked=[int(k) for k in knocked])
+
+
 @dataclass(frozen=True)
 class KnockoutResult:
-    """Clean scores and the effect of every (position set, window)."""
+    """Clean scores and the effect of every (position set, window).
+
+    ``rows`` (not in the JSON) are the prompts' places in the full list: a result of one share
+    of the prompts names them, and :func:`merge_knockout` orders by them.
+    """
 
     ids: list[int]
     clean_logprob: list[float]
     clean_correct: list[bool]
     effects: list[KnockoutEffect]
+    rows: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"ids": self.ids, "clean_logprob": self.clean_logprob,
@@ -365,7 +499,10 @@ class KnockoutResult:
 class ScanResult:
     """One position at a time, the 1st to the Nth before the last token, in one window.
 
-    ``n[j]`` prompts are long enough for offset ``offsets[j]``; the means are over those.
+    ``n[j]`` prompts are long enough for offset ``offsets[j]``; the means are over those. The
+    per-prompt values behind the means (``rows``: the prompts' places in the full list, and
+    their changes of log-probability, knocked and clean correctness) are kept for
+    :func:`merge_scans` and not written to JSON.
     """
 
     window: Window
@@ -376,6 +513,10 @@ class ScanResult:
     tokens: list[list[str]]  # per offset, the token text of each prompt long enough
     most: int  # the offset of the largest mean |change of log-probability|
     most_token: str  # the commonest token text at that offset
+    rows: list[list[int]] = field(default_factory=list)
+    per_item_delta_logprob: list[list[float]] = field(default_factory=list)
+    per_item_correct: list[list[bool]] = field(default_factory=list)
+    per_item_clean_correct: list[list[bool]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"window": list(self.window), "offsets": self.offsets, "n": self.n,
@@ -384,9 +525,115 @@ class ScanResult:
                 "tokens": self.tokens, "most": self.most, "most_token": self.most_token}
 
 
+def _scan_result(window: Window, offsets: Sequence[int], rows: Sequence[Sequence[int]],
+                 deltas: Sequence[Sequence[float]], oks: Sequence[Sequence[bool]],
+                 clean_oks: Sequence[Sequence[bool]],
+                 tokens: Sequence[Sequence[str]]) -> ScanResult:
+    """A scan result from its per-offset, per-prompt values (runs and merges alike)."""
+    d_lp = [_mean(np.asarray(d, dtype=np.float64)) for d in deltas]
+    d_acc = [_mean(np.asarray(o, dtype=bool)) - _mean(np.asarray(c, dtype=bool))
+             for o, c in zip(oks, clean_oks)]
+    counts = [len(r) for r in rows]
+    size = np.abs(np.asarray(d_lp, dtype=np.float64))
+    size[np.asarray(counts) == 0] = -np.inf  # an offset no prompt of a share reaches: no mean
+    best = int(np.argmax(size))
+    common = Counter(tokens[best]).most_common(1)[0][0] if tokens[best] else ""
+    return ScanResult(window=window, offsets=list(offsets), n=counts, delta_logprob=d_lp,
+                      delta_accuracy=d_acc, tokens=[list(t) for t in tokens],
+                      most=offsets[best], most_token=common,
+                      rows=[list(r) for r in rows],
+                      per_item_delta_logprob=[list(d) for d in deltas],
+                      per_item_correct=[list(o) for o in oks],
+                      per_item_clean_correct=[list(c) for c in clean_oks])
+
+
+def _prompt_order(rows: Sequence[int]) -> list[int]:
+    """The permutation putting ``rows`` (places in the full prompt list) in prompt order."""
+    if len(set(rows)) != len(rows):
+        raise ValueError("the results to merge share prompts")
+    return sorted(range(len(rows)), key=lambda i: rows[i])
+
+
+def merge_knockout(parts: Sequence[KnockoutResult]) -> KnockoutResult:
+    """One result from the results of disjoint shares of the prompts (given in any order).
+
+    Every per-prompt list is put in prompt order (by ``rows``) and every mean is recomputed from
+    them as a one-rank run computes it: when each prompt's scores equal the one-rank run's (the
+    same batches, see :func:`shares`), so does the merge, bit for bit.
+
+    Raises:
+        ValueError: No part has a prompt, the parts share a prompt, or they knocked out
+            different (position set, window) pairs.
+    """
+    parts = [p for p in parts if p.rows]
+    if not parts:
+        raise ValueError("no knockout result with prompts to merge")
+    labels = [(e.position_set, e.window) for e in parts[0].effects]
+    if any([(e.position_set, e.window) for e in p.effects] != labels for p in parts):
+        raise ValueError("the knockout results to merge cover different position sets or "
+                         "windows")
+    order = _prompt_order([r for p in parts for r in p.rows])
+
+    def take(lists: Sequence[Sequence[Any]]) -> list[Any]:
+        flat = [v for values in lists for v in values]
+        return [flat[i] for i in order]
+
+    clean_ok = np.asarray(take([p.clean_correct for p in parts]), dtype=bool)
+    effects = []
+    for k, (spec, window) in enumerate(labels):
+        effects.append(_effect(
+            spec, window, take([p.effects[k].per_item_knocked for p in parts]),
+            np.asarray(take([p.effects[k].per_item_delta_logprob for p in parts]),
+                       dtype=np.float64),
+            np.asarray(take([p.effects[k].per_item_correct for p in parts]), dtype=bool),
+            clean_ok))
+    return KnockoutResult(ids=take([p.ids for p in parts]),
+                          clean_logprob=take([p.clean_logprob for p in parts]),
+                          clean_correct=clean_ok.tolist(), effects=effects,
+                          rows=take([p.rows for p in parts]))
+
+
+_SCAN_ITEMS = ("rows", "per_item_delta_logprob", "per_item_correct", "per_item_clean_correct",
+               "tokens")
+
+
+def merge_scans(parts: Sequence[Sequence[ScanResult]]) -> list[ScanResult]:
+    """One scan per window from the scans of disjoint shares of the prompts (any order): per
+    offset the prompts' values in prompt order, the means over all of them (so weighted by each
+    share's count), ``most`` and ``most_token`` recomputed from the merged means.
+
+    Raises:
+        ValueError: No part, or parts over different windows or offsets, or sharing a prompt.
+    """
+    if not parts:
+        raise ValueError("no scan to merge")
+    shape = [(s.window, s.offsets) for s in parts[0]]
+    if any([(s.window, s.offsets) for s in p] != shape for p in parts):
+        raise ValueError("the scans to merge cover different windows or offsets")
+    out = []
+    for w, (window, offsets) in enumerate(shape):
+        pieces = [p[w] for p in parts]
+        merged: dict[str, list[list[Any]]] = {name: [] for name in _SCAN_ITEMS}
+        for j in range(len(offsets)):
+            order = _prompt_order([r for s in pieces for r in s.rows[j]])
+            for name, values in merged.items():
+                flat = [v for s in pieces for v in getattr(s, name)[j]]
+                values.append([flat[i] for i in order])
+        out.append(_scan_result(window, offsets, merged["rows"],
+                                merged["per_item_delta_logprob"], merged["per_item_correct"],
+                                merged["per_item_clean_correct"], merged["tokens"]))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the two modes
 # --------------------------------------------------------------------------------------------
+
+
+def _whole_model(model: Any, windows: Sequence[Window]) -> Sequence[Window]:
+    from replandscape.sites import resolve_sites
+
+    return windows or [(0, resolve_sites(getattr(model, "module", model)).n_blocks)]
 
 
 def _prepare(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt], windows:
@@ -408,19 +655,11 @@ def _prepare(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt], wind
     return encoded, checked, int(pad)
 
 
-def _clean(model: Any, encoded: Sequence[Encoded], pad: int,
-           batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    lp, ok = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=bool)
-    for rows in _batches(len(encoded), batch_size):
-        lp[rows.start:rows.stop], ok[rows.start:rows.stop] = answer_scores(
-            model, [encoded[i] for i in rows], pad)
-    return lp, ok
-
-
 def run_knockout(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt],
                  position_sets: Sequence[str] = DEFAULT_SETS,
                  windows: Sequence[Window] = (), *, add_bos: bool = True,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> KnockoutResult:
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 share: range | None = None) -> KnockoutResult:
     """Knock every position set out in every layer window.
 
     Args:
@@ -431,15 +670,15 @@ def run_knockout(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt],
         windows: ``(start, stop)`` layer windows; empty means the whole model.
         add_bos: Tokenise with BOS first, as extraction does.
         batch_size: Prompts per forward pass.
+        share: The block of prompts (indices) this call scores, as :func:`shares` gives a rank
+            (None: all); every prompt is still checked, so all ranks fail alike on bad input.
+            :func:`merge_knockout` joins the shares' results.
 
     Raises:
         UserError: A position set names no token in some prompt, a window lies outside the
             model, an unknown position set, or an unsupported attention implementation.
     """
-    from replandscape.sites import resolve_sites
-
-    if not windows:
-        windows = [(0, resolve_sites(getattr(model, "module", model)).n_blocks)]
+    windows = _whole_model(model, windows)
     encoded, checked, pad = _prepare(model, tokenizer, prompts, windows, add_bos)
     positions: dict[str, list[list[int]]] = {}
     for spec in position_sets:
@@ -451,68 +690,62 @@ def run_knockout(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt],
                             f"({len(empty)} of {len(prompts)} prompts)", key="knockout.sets",
                             fix="choose a set the prompts have (shot sets need shots)")
         positions[spec] = per_prompt
-    clean_lp, clean_ok = _clean(model, encoded, pad, batch_size)
+    rows = _rows(share, len(prompts))
+    batches = _batches(rows, batch_size)
+    clean_lp, clean_ok = _scores(model, encoded, pad, batches)
     effects = []
     for spec in position_sets:
         for window in checked:
-            lp, ok = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=bool)
-            for rows in _batches(len(encoded), batch_size):
-                lp[rows.start:rows.stop], ok[rows.start:rows.stop] = answer_scores(
-                    model, [encoded[i] for i in rows], pad,
-                    [positions[spec][i] for i in rows], range(*window))
-            delta = lp - clean_lp
-            effects.append(KnockoutEffect(
-                position_set=spec, window=window, n=len(encoded),
-                mean_knocked=float(np.mean([len(p) for p in positions[spec]])),
-                accuracy_clean=float(clean_ok.mean()), accuracy_knocked=float(ok.mean()),
-                delta_accuracy=float(ok.mean() - clean_ok.mean()),
-                delta_logprob=float(delta.mean()), per_item_delta_logprob=delta.tolist(),
-                per_item_correct=ok.tolist()))
-    return KnockoutResult(ids=[p.id for p in prompts], clean_logprob=clean_lp.tolist(),
-                          clean_correct=clean_ok.tolist(), effects=effects)
+            lp, ok = _scores(model, encoded, pad, batches, positions[spec], range(*window))
+            effects.append(_effect(spec, window, [len(positions[spec][i]) for i in rows],
+                                   lp - clean_lp, ok, clean_ok))
+    return KnockoutResult(ids=[prompts[i].id for i in rows], clean_logprob=clean_lp.tolist(),
+                          clean_correct=clean_ok.tolist(), effects=effects, rows=list(rows))
 
 
 def scan_knockout(model: Any, tokenizer: Any, prompts: Sequence[KnockoutPrompt],
                   last_n: int = DEFAULT_SCAN_LAST, windows: Sequence[Window] = (), *,
-                  add_bos: bool = True,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[ScanResult]:
+                  add_bos: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                  share: range | None = None,
+                  clean: KnockoutResult | None = None) -> list[ScanResult]:
     """Knock out one position at a time, offsets 1..``last_n`` before the last token, in each
-    window; one :class:`ScanResult` per window."""
-    from replandscape.sites import resolve_sites
+    window; one :class:`ScanResult` per window.
 
-    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
-        raise UserError(f"scan over the last {last_n!r} positions", key="knockout.scan_last",
-                        fix="use a positive number of positions")
-    if not windows:
-        windows = [(0, resolve_sites(getattr(model, "module", model)).n_blocks)]
+    The prompts are batched as :func:`run_knockout` batches them, each batch less the prompts too
+    short for the offset. ``share`` is as in :func:`run_knockout` (the offsets follow the longest
+    of all prompts, so every share's scan has the same ones; :func:`merge_scans` joins them);
+    ``clean``, a :func:`run_knockout` result over the same share and batches, gives the clean
+    scores instead of computing them again.
+    """
+    windows = _whole_model(model, windows)
     encoded, checked, pad = _prepare(model, tokenizer, prompts, windows, add_bos)
-    longest = max(len(e.ids) for e in encoded)
-    if longest < 2:
-        raise UserError("every prompt is a single token: no position before the last",
-                        key="knockout.scan_last", fix="use longer prompts")
-    offsets = list(range(1, min(last_n, longest - 1) + 1))
-    clean_lp, clean_ok = _clean(model, encoded, pad, batch_size)
+    lengths = [len(e.ids) for e in encoded]
+    offsets = scan_offsets(last_n, lengths)
+    rows = _rows(share, len(prompts))
+    batches = _batches(rows, batch_size)
+    if clean is None:
+        clean_lp, clean_ok = _scores(model, encoded, pad, batches)
+    elif clean.rows != list(rows):
+        raise ValueError("the clean scores given are of other prompts than the scan's")
+    else:
+        clean_lp = np.asarray(clean.clean_logprob, dtype=np.float64)
+        clean_ok = np.asarray(clean.clean_correct, dtype=bool)
+    place = {r: k for k, r in enumerate(rows)}
     results = []
     for window in checked:
-        d_lp, d_acc, counts, tokens = [], [], [], []
+        has_rows, deltas, oks, cleans, tokens = [], [], [], [], []
         for j in offsets:
-            # a prompt shorter than j + 1 tokens has no position at this offset
-            has = [i for i, e in enumerate(encoded) if len(e.ids) - 1 - j >= 0]
-            lp, ok = np.zeros(len(has)), np.zeros(len(has), dtype=bool)
-            for rows in _batches(len(has), batch_size):
-                batch = [encoded[has[r]] for r in rows]
-                lp[rows.start:rows.stop], ok[rows.start:rows.stop] = answer_scores(
-                    model, batch, pad, [[len(e.ids) - 1 - j] for e in batch], range(*window))
-            counts.append(len(has))
-            d_lp.append(float((lp - clean_lp[has]).mean()))
-            d_acc.append(float(ok.mean() - clean_ok[has].mean()))
-            tokens.append([tokenizer.decode([encoded[i].ids[len(encoded[i].ids) - 1 - j]])
-                           for i in has])
-        best = int(np.argmax(np.abs(np.asarray(d_lp))))
-        common = Counter(tokens[best]).most_common(1)[0][0]
-        results.append(ScanResult(window=window, offsets=offsets, n=counts, delta_logprob=d_lp,
-                                  delta_accuracy=d_acc, tokens=tokens, most=offsets[best],
-                                  most_token=common))
+            scan = _scan_batches(lengths, batches, j)
+            has = [i for b in scan for i in b]
+            knocked = [[n - 1 - j] for n in lengths]
+            lp, ok = _scores(model, encoded, pad, scan, knocked, range(*window))
+            at = [place[i] for i in has]
+            has_rows.append(has)
+            deltas.append((lp - clean_lp[at]).tolist())
+            oks.append(ok.tolist())
+            cleans.append(clean_ok[at].tolist())
+            tokens.append([tokenizer.decode([encoded[i].ids[lengths[i] - 1 - j]]) for i in has])
+        results.append(_scan_result(window, offsets, has_rows, deltas, oks, cleans, tokens))
     return results
 
 
