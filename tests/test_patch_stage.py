@@ -87,17 +87,20 @@ def _patched_lds(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_two_ranks_give_the_one_rank_effects(tmp_path: Path, zero_stage: int) -> None:
+@pytest.mark.parametrize(("zero_stage", "layer_groups"), [(0, 1), (3, 2)])
+def test_two_ranks_give_the_one_rank_effects(tmp_path: Path, zero_stage: int,
+                                             layer_groups: int) -> None:
     """Data-parallel (each rank a whole model) and ZeRO-3 (the weights partitioned, ranks kept in
-    step by padded and dummy rounds: 5 pairs in 3 units of 2 over 2 ranks leave rank 1 a dummy
-    round) give the one-rank run's effects; a hang here is a rank out of step."""
-    common = {"prompts": {"shots": [2]}, "patch": {"limit": 5, "pair_batch": 2},
-              "extract": {"zero_stage": zero_stage}}
+    step by padded and dummy rounds: 5 pairs in 3 pair groups of 2 over 2 ranks leave rank 1 a
+    dummy round in each of the 2 block groups) give the one-rank, one-group run's effects; a
+    hang here is a rank out of step."""
+    common = {"prompts": {"shots": [2]}, "patch": {"limit": 5, "pair_batch": 2}}
     one = _patch_config(tmp_path, name="one.yaml",
                         run={"name": "t", "output_dir": str(tmp_path / "one")}, **common)
     two = _patch_config(tmp_path, name="two.yaml",
-                        run={"name": "t", "output_dir": str(tmp_path / "two")}, **common)
+                        run={"name": "t", "output_dir": str(tmp_path / "two")},
+                        prompts={"shots": [2]}, extract={"zero_stage": zero_stage},
+                        patch={"limit": 5, "pair_batch": 2, "layer_groups": layer_groups})
     proc = cli("run", "patch", str(one))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = launch_ranks(2, ["run", "patch", str(two)], timeout=600)
@@ -149,6 +152,13 @@ def test_a_task_without_pairs_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(cli("run", "patch", str(cfg)))
     assert "regression" in line and "pair" in line
     assert not list((tmp_path / "out").glob("patching/*.h5"))
+
+
+def test_more_block_groups_than_blocks_is_one_line(tmp_path: Path) -> None:
+    cfg = _patch_config(tmp_path, patch={"layer_groups": 4})  # the tiny model has 3 blocks
+    line = one_line_error(cli("run", "patch", str(cfg)))
+    assert "patch.layer_groups" in line and "3 blocks" in line
+    assert not (tmp_path / "out" / "patching").exists()
 
 
 def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path) -> None:

@@ -231,6 +231,9 @@ class PatchConfig:
     # the share this run computes (0..parts-1), nothing gathered; null: every unit not yet done,
     # then the gather
     part: int | None = None
+    # the decoder blocks cut into this many contiguous groups, each pair group x block group a
+    # unit of its own: more units to spread (each repeats the pairs' two unpatched forwards)
+    layer_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -689,6 +692,8 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
     if pt.part is not None and not 0 <= pt.part < pt.parts:
         raise bad("patch.part", f"share {pt.part} of {pt.parts}",
                   f"use 0..{pt.parts - 1} (or raise patch.parts)")
+    if pt.layer_groups < 1:
+        raise bad("patch.layer_groups", f"{pt.layer_groups} groups of blocks", "use 1 or more")
     if pt.pair_batch < 1:
         raise bad("patch.pair_batch", f"{pt.pair_batch} pairs a group", "use 1 or more")
     p = cfg.prompts

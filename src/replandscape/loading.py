@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,7 @@ def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None,
         # 1e-38 change nothing that is stored
         torch.set_flush_denormal(True)
     tokenizer = load_tokenizer(path, cfg.model.revision, cfg.extract.padding_side)
-    zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
-    if not zero3:
+    if not partitioned(cfg):
         model = load_causal_lm(path, revision=cfg.model.revision, dtype=dtype, device="cpu")
         if adapter is not None:
             model = apply_adapter(model, adapter, cfg.extract.adapter)
@@ -61,6 +61,21 @@ def load_for_extraction(cfg: ExperimentConfig, device: str, adapter: str | None,
     engine.module.eval()
     del keep
     return LoadedModel(engine.module, tokenizer, device, dtype, engine)
+
+
+def partitioned(cfg: ExperimentConfig) -> bool:
+    """Whether this run's model is partitioned by ZeRO-3 over its ranks (``extract.zero_stage``
+    3 with more than one rank); the ranks must then run every forward pass together."""
+    return cfg.extract.zero_stage == 3 and torchdist.is_distributed()
+
+
+def inference_memory(cfg: ExperimentConfig) -> contextlib.AbstractContextManager[Any]:
+    """What a stage running the model holds open: under ZeRO-3, which gathers each layer's full
+    weights and frees them after use layer after layer, the freed copies must leave the process
+    (:func:`replandscape.allocator.return_freed_memory`); otherwise nothing."""
+    from replandscape.allocator import return_freed_memory
+
+    return return_freed_memory() if partitioned(cfg) else contextlib.nullcontext()
 
 
 def apply_adapter(model: Any, adapter: str, mode: str) -> Any:

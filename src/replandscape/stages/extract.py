@@ -443,16 +443,12 @@ def _decoded_rows(records: Sequence[EvalRecord], tokenizer: Any, n_new: int,
 
 def run(cfg: ExperimentConfig, *, finetuned: bool = False) -> ExtractResult:
     """Extract every condition of ``cfg`` (k-shot ones, or the fine-tuned checkpoints)."""
-    from replandscape.allocator import return_freed_memory
+    from replandscape.loading import inference_memory
 
     device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
     info = torchdist.init_distributed(device)
-    if cfg.extract.zero_stage == 3 and torchdist.is_distributed():
-        # ZeRO-3 gathers each layer's full weights and frees them after use, layer after
-        # layer: the freed copies must leave the process (see allocator.return_freed_memory)
-        with return_freed_memory():
-            return _run(cfg, finetuned, device, info)
-    return _run(cfg, finetuned, device, info)
+    with inference_memory(cfg):
+        return _run(cfg, finetuned, device, info)
 
 
 def _run(cfg: ExperimentConfig, finetuned: bool, device: str,

@@ -109,7 +109,8 @@ def stage_hash(cfg: ExperimentConfig, condition: Condition, pairs: Any) -> str:
     key = {"task": d["task"], "model": d["model"], "patch": {k: v for k, v in d["patch"].items()
                                                              if k not in ("pair_batch",
                                                                           "top_k", "parts",
-                                                                          "part")},
+                                                                          "part",
+                                                                          "layer_groups")},
            "condition": [condition.name, condition.shots, condition.checkpoint_step,
                          condition.method], "extract_adapter": d["extract"]["adapter"],
            "pairs": digest.hexdigest()}
@@ -123,11 +124,42 @@ def _engine_pairs(pairs: Sequence[Any]) -> list[Any]:
             for p in pairs]
 
 
-def work_units(pairs: Sequence[Any], pair_batch: int) -> list[list[int]]:
-    """The condition's work units: pair indices of one token length, ``pair_batch`` at most."""
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One work unit: pairs of one token length and the blocks whose components it patches.
+
+    ``layer_group`` 0 also runs attribution patching (one backward covers every block)."""
+
+    index: tuple[int, ...]
+    layers: tuple[int, int]  # [start, stop) of the decoder blocks
+    layer_group: int
+
+
+def layer_slices(n_blocks: int, groups: int) -> list[tuple[int, int]]:
+    """``groups`` contiguous slices of the decoder blocks, as even as possible."""
+    bounds = [round(i * n_blocks / groups) for i in range(groups + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(groups)]
+
+
+def work_units(pairs: Sequence[Any], pair_batch: int, n_blocks: int,
+               layer_groups: int = 1) -> list[Unit]:
+    """The condition's work units: (pair group x layer group), a pair group being up to
+    ``pair_batch`` pairs of one token length, a layer group a contiguous slice of the blocks."""
     from replandscape.patching import length_groups
 
-    return length_groups([len(p.clean_ids) for p in pairs], pair_batch)
+    slices = layer_slices(n_blocks, layer_groups)
+    return [Unit(tuple(index), layers, g)
+            for index in length_groups([len(p.clean_ids) for p in pairs], pair_batch)
+            for g, layers in enumerate(slices)]
+
+
+def _n_blocks(path: str, revision: str | None) -> int:
+    """The model's decoder block count, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
 
 
 def in_part(unit: int, condition_index: int, cfg: ExperimentConfig) -> bool:
@@ -142,35 +174,40 @@ def _unit_file(parts: Path, unit: int) -> Path:
     return parts / f"unit{unit:06d}.npz"
 
 
-def _unit_done(parts: Path, unit: int, index: Sequence[int]) -> bool:
-    """A unit's file exists and holds these pairs (``patch.pair_batch`` may have changed)."""
-    path = _unit_file(parts, unit)
+def _unit_done(parts: Path, number: int, unit: Unit) -> bool:
+    """A unit's file exists and holds these pairs and blocks (``patch.pair_batch`` or
+    ``patch.layer_groups`` may have changed since it was written)."""
+    path = _unit_file(parts, number)
     if not path.is_file():
         return False
     try:
         with np.load(path, allow_pickle=False) as z:
-            return bool(np.array_equal(z["index"], np.asarray(index)))
+            return bool(np.array_equal(z["index"], np.asarray(unit.index))
+                        and np.array_equal(z["layers"], np.asarray(unit.layers)))
     except (OSError, ValueError, KeyError):
         return False  # a damaged unit file is computed again (written atomically: rare)
 
 
-def _lockstep_schedule(todo: Sequence[int], units: Sequence[Sequence[int]], pair_batch: int,
-                       info: torchdist.RankInfo) -> list[tuple[int | None, list[int]]]:
-    """This rank's rounds under ZeRO-3: (unit or None for a dummy round, pair indices run).
+def _lockstep_schedule(todo: Sequence[int], units: Sequence[Unit], pair_batch: int,
+                       info: torchdist.RankInfo) -> list[tuple[int | None, Unit]]:
+    """This rank's rounds under ZeRO-3: (unit number or None for a dummy round, unit run).
 
     ZeRO-3 gathers each module's parameters collectively, so every rank must run the same
-    forward calls: every round runs exactly ``pair_batch`` pairs of one length (a unit is
-    padded by repeating its last pair) and a rank without a unit in a round runs a copy of the
-    first unit whose results are dropped. The engine's calls depend only on the number of
-    pairs and the components, so all ranks stay in step.
+    forward calls. The engine's calls depend only on the number of pairs, the blocks patched
+    and whether attribution runs, so: rounds go layer group by layer group, every round runs
+    exactly ``pair_batch`` pairs of one length (a unit padded by repeating its last pair), and a
+    rank without a unit in a round runs a copy of the group's first unit, whose results are
+    dropped.
     """
-    rounds = -(-len(todo) // info.world_size)
-    out: list[tuple[int | None, list[int]]] = []
-    for r in range(rounds):
-        i = r * info.world_size + info.rank
-        unit = todo[i] if i < len(todo) else None
-        index = list(units[todo[0] if unit is None else unit])
-        out.append((unit, index + [index[-1]] * (pair_batch - len(index))))
+    out: list[tuple[int | None, Unit]] = []
+    for group in sorted({units[u].layer_group for u in todo}):
+        mine = [u for u in todo if units[u].layer_group == group]
+        for r in range(-(-len(mine) // info.world_size)):
+            i = r * info.world_size + info.rank
+            number = mine[i] if i < len(mine) else None
+            unit = units[mine[0] if number is None else number]
+            padded = unit.index + (unit.index[-1],) * (pair_batch - len(unit.index))
+            out.append((number, dataclasses.replace(unit, index=padded)))
     return out
 
 
@@ -183,7 +220,7 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index
     """
     import torch
 
-    from replandscape.loading import load_for_extraction
+    from replandscape.loading import load_for_extraction, partitioned
     from replandscape.models import load_tokenizer, resolve_model_path
     from replandscape.patching import activation_patching, attribution_patching
 
@@ -200,8 +237,9 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index
         raise UserError("the output already holds the effects of another config",
                         file=str(final), key="stage_hash",
                         fix="use another run.output_dir or delete the file")
+    n_blocks = _n_blocks(path, cfg.model.revision)
     parts = out / f"{condition.name}.parts"
-    units = work_units(pairs.pairs, cfg.patch.pair_batch)
+    units = work_units(pairs.pairs, cfg.patch.pair_batch, n_blocks, cfg.patch.layer_groups)
     todo: list[int] = []
     if info.is_main:
         ensure_dir(parts)
@@ -211,14 +249,15 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index
                             fix="delete the folder to start over")
         write_text_atomic(stamp, s_hash + "\n")
         # decided once, on rank 0: a rank checking later could see a unit another just wrote
-        todo = [u for u, index in enumerate(units) if in_part(u, condition_index, cfg)
-                and not _unit_done(parts, u, index)]
+        todo = [u for u, unit in enumerate(units) if in_part(u, condition_index, cfg)
+                and not _unit_done(parts, u, unit)]
     todo = torchdist.broadcast_object(todo)
-    zero3 = cfg.extract.zero_stage == 3 and torchdist.is_distributed()
+    zero3 = partitioned(cfg)
+    schedule: list[tuple[int | None, Unit]]
     if zero3:  # every rank holds a share of the weights and runs every round
         schedule = _lockstep_schedule(todo, units, cfg.patch.pair_batch, info) if todo else []
     else:  # data-parallel: every rank runs the whole model on its own units
-        schedule = [(u, list(units[u])) for u in todo[info.rank::info.world_size]]
+        schedule = [(u, units[u]) for u in todo[info.rank::info.world_size]]
     if todo:
         how = ("ZeRO-3, ranks in step" if zero3 else
                "data-parallel" if info.world_size > 1 else "one rank")
@@ -229,24 +268,26 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index
         model_cfg = cfg if zero3 else dataclasses.replace(
             cfg, extract=dataclasses.replace(cfg.extract, zero_stage=0))
         loaded = load_for_extraction(model_cfg, device, condition.adapter, condition.model_path)
-        for unit, index in schedule:
-            engine_pairs = _engine_pairs([pairs.pairs[i] for i in index])
+        for number, unit in schedule:
+            engine_pairs = _engine_pairs([pairs.pairs[i] for i in unit.index])
             exact = activation_patching(loaded.model, engine_pairs, method=cfg.patch.method,
                                         direction=cfg.patch.direction,
-                                        pair_batch=len(engine_pairs))
+                                        pair_batch=len(engine_pairs),
+                                        layers=range(*unit.layers))
             arrays = {f"effects/{k}": getattr(exact, k) for k in EFFECTS}
             arrays.update(ld_clean=exact.ld_base, ld_corrupt=exact.ld_source)
-            if cfg.patch.attribution:
+            if cfg.patch.attribution and unit.layer_group == 0:
                 with torch.enable_grad():
                     approx = attribution_patching(loaded.model, engine_pairs,
                                                   direction=cfg.patch.direction)
                 arrays.update({f"attribution/{k}": getattr(approx, k) for k in EFFECTS})
-            if unit is None:
+            if number is None:
                 continue  # a dummy round that kept this rank in step
-            n = len(units[unit])  # padded rows dropped
+            n = len(units[number].index)  # padded rows dropped
             arrays = {k: v[:n] for k, v in arrays.items()}
-            arrays["index"] = np.asarray(units[unit], dtype=np.int64)
-            write_npz_atomic(_unit_file(parts, unit), arrays)
+            arrays["index"] = np.asarray(units[number].index, dtype=np.int64)
+            arrays["layers"] = np.asarray(unit.layers, dtype=np.int64)
+            write_npz_atomic(_unit_file(parts, number), arrays)
         del loaded
     torchdist.barrier()
     if cfg.patch.part is not None:
@@ -273,22 +314,34 @@ def _open(path: Path) -> Any:
 
 
 def _finalize(cfg: ExperimentConfig, condition: Condition, pairs: Any, s_hash: str,
-              units: Sequence[Sequence[int]], parts: Path, final: Path) -> None:
-    """Every unit's rows put back in pair order, into the condition's file (atomically)."""
+              units: Sequence[Unit], parts: Path, final: Path) -> None:
+    """Every unit's rows and blocks put back in place, into the condition's file (atomically):
+    exact effects from each unit's own blocks (the residual leaving the last block with the
+    last group), attribution and the unpatched LDs from the units that ran them."""
     import h5py
 
     joined: dict[str, np.ndarray] = {}
-    for unit, index in enumerate(units):
-        if not _unit_done(parts, unit, index):
-            raise UserError(f"work unit {unit} (pairs {list(index)}) has no result",
+    for number, unit in enumerate(units):
+        if not _unit_done(parts, number, unit):
+            raise UserError(f"work unit {number} (pairs {list(unit.index)}, blocks "
+                            f"{unit.layers[0]}-{unit.layers[1] - 1}) has no result",
                             file=str(parts), fix="re-run the patch stage to resume it")
-        with np.load(_unit_file(parts, unit), allow_pickle=False) as z:
+        rows = np.asarray(unit.index)
+        start, stop = unit.layers
+        with np.load(_unit_file(parts, number), allow_pickle=False) as z:
             for key in z.files:
-                if key == "index":
+                if key in ("index", "layers"):
                     continue
+                value = z[key]
                 if key not in joined:
-                    joined[key] = np.full((len(pairs.pairs), *z[key].shape[1:]), np.nan)
-                joined[key][np.asarray(index)] = z[key]
+                    joined[key] = np.full((len(pairs.pairs), *value.shape[1:]), np.nan)
+                if key.startswith("effects/"):
+                    # the residual's extra column L (leaving the last block) ends the last group
+                    end = stop + 1 if key == "effects/resid" and stop == value.shape[1] - 1 \
+                        else stop
+                    joined[key][rows, start:end] = value[:, start:end]
+                else:
+                    joined[key][rows] = value
     tmp = final.with_name(final.name + ".tmp")
     with h5py.File(tmp, "w") as fh:
         for key, array in joined.items():
@@ -379,13 +432,19 @@ def part_marker(cfg: ExperimentConfig, part: int) -> Path:
 def run(cfg: ExperimentConfig) -> Path:
     """Patch every condition of ``cfg`` and compare their circuits; returns circuits.json (or,
     for an array task with ``patch.part``, the marker of its finished share)."""
+    from replandscape.loading import inference_memory
     from replandscape.lock import rank0_stage_lock
+    from replandscape.models import resolve_model_path
 
+    n_blocks = _n_blocks(resolve_model_path(cfg.model), cfg.model.revision)
+    if cfg.patch.layer_groups > n_blocks:
+        raise UserError(f"{cfg.patch.layer_groups} groups of blocks asked of a model of "
+                        f"{n_blocks} blocks", key="patch.layer_groups", fix=f"use 1..{n_blocks}")
     device = torchdist.pick_device(cfg.extract.device, torchdist.rank_info())
     info = torchdist.init_distributed(device)
     part = cfg.patch.part
     lock = "patch" if part is None else f"patch-part{part}"
-    with rank0_stage_lock(cfg.output_dir / "patching", lock):
+    with rank0_stage_lock(cfg.output_dir / "patching", lock), inference_memory(cfg):
         files: dict[str, Path] = {}
         for i, cond in enumerate(conditions(cfg)):
             done = patch_condition(cfg, cond, i, device, info)
