@@ -187,6 +187,32 @@ def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path
     assert gather.outputs[0].endswith("patching/circuits.json")
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_patch_sweep_runs_its_shares_as_a_slurm_array(slurm_cluster: object,
+                                                        tmp_path: Path) -> None:
+    """On the local Slurm cluster: extraction, then patching as an array of two shares and a
+    gather job after it, then the analysis and figures."""
+    import yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"sweep": {
+        "name": "imp", "output_root": str(tmp_path / "root"),
+        "experiments": [str(_patch_config(tmp_path, patch={"parts": 2, "pair_batch": 1}))],
+        "tasks": ["expression"], "finetune": False, "patch": True}}))
+    proc = cli("submit", str(sweep), "cluster=local-slurm", "--wait", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "root" / "t-expression" / "patching"
+    assert (out / "part0of2.done").is_file() and (out / "part1of2.done").is_file()
+    circuits = json.loads((out / "circuits.json").read_text())
+    assert set(circuits["conditions"]) == {"shots0", "shots2"}
+    record = json.loads((tmp_path / "root" / "sweep-imp.json").read_text())
+    jobs = {j["key"]: j for j in record["jobs"]}
+    assert jobs["t-expression/patch"]["labels"] == ["part0", "part1"]
+    gather_log = Path(jobs["t-expression/patch-gather"]["logs"][0]).read_text()
+    assert "unit(s) to run" not in gather_log  # the shares left nothing to compute
+
+
 def test_knockout_stage_reports_each_position_set_and_the_scan(tmp_path: Path) -> None:
     cfg = _patch_config(tmp_path, knockout={"limit": 4, "scan_last": 3})
     proc = cli("run", "knockout", str(cfg))
