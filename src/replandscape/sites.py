@@ -96,73 +96,67 @@ def _heads(config: Any, heads_attr: str) -> tuple[int, int, int]:
     return n_heads, n_kv, int(head_dim)
 
 
-def _llama_like(model: Any, model_type: str, family: str) -> ModelSites:
-    """Llama, Mistral and Qwen2: ``model.layers[i].{input_layernorm, self_attn.o_proj, ...}``."""
-    decoder = _module(model, "model", model_type)
-    blocks = list(_module(decoder, "layers", model_type))
-    n_heads, n_kv, head_dim = _heads(model.config, "num_attention_heads")
-    per_block = [BlockSites(
-        block=block,
-        input_norm=_module(block, "input_layernorm", model_type),
-        post_attention_norm=_module(block, "post_attention_layernorm", model_type),
-        attention=_module(block, "self_attn", model_type),
-        attention_out_proj=_module(block, "self_attn.o_proj", model_type),
-        mlp=_module(block, "mlp", model_type),
-        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim) for block in blocks]
-    return ModelSites(family=family, model_type=model_type, decoder=decoder, blocks=blocks,
-                      block_sites=per_block, final_norm=_module(decoder, "norm", model_type),
-                      head=_head(model, model_type))
+@dataclass(frozen=True)
+class Layout:
+    """Where one architecture keeps its site-holding modules (dotted paths: the decoder from the
+    root, the block list from the decoder, the rest from a block), and its head-count key."""
+
+    decoder: str
+    blocks: str
+    input_norm: str
+    post_attention_norm: str
+    attention: str
+    attention_out_proj: str
+    mlp: str
+    final_norm: str
+    heads_attr: str = "num_attention_heads"
+    # GPT-NeoX: attention and MLP read the same block input (``use_parallel_residual``)
+    parallel_residual_attr: str | None = None
 
 
-def _gpt_neox(model: Any, model_type: str, family: str) -> ModelSites:
-    """GPT-NeoX (Pythia): ``gpt_neox.layers[i].{input_layernorm, attention.dense, mlp}``."""
-    decoder = _module(model, "gpt_neox", model_type)
-    blocks = list(_module(decoder, "layers", model_type))
-    n_heads, n_kv, head_dim = _heads(model.config, "num_attention_heads")
-    per_block = [BlockSites(
-        block=block,
-        input_norm=_module(block, "input_layernorm", model_type),
-        post_attention_norm=_module(block, "post_attention_layernorm", model_type),
-        attention=_module(block, "attention", model_type),
-        attention_out_proj=_module(block, "attention.dense", model_type),
-        mlp=_module(block, "mlp", model_type),
-        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim) for block in blocks]
-    return ModelSites(family=family, model_type=model_type, decoder=decoder, blocks=blocks,
-                      block_sites=per_block,
-                      final_norm=_module(decoder, "final_layer_norm", model_type),
-                      head=_head(model, model_type),
-                      parallel_residual=bool(getattr(model.config, "use_parallel_residual", True)))
-
-
-def _gpt_neo(model: Any, model_type: str, family: str) -> ModelSites:
-    """GPT-Neo: ``transformer.h[i].{ln_1, attn.attention.out_proj, ln_2, mlp}``."""
-    decoder = _module(model, "transformer", model_type)
-    blocks = list(_module(decoder, "h", model_type))
-    n_heads, n_kv, head_dim = _heads(model.config, "num_heads")
-    per_block = [BlockSites(
-        block=block,
-        input_norm=_module(block, "ln_1", model_type),
-        post_attention_norm=_module(block, "ln_2", model_type),
-        # GPTNeoAttention only picks the global or local variant; the heads live one level down
-        attention=_module(block, "attn.attention", model_type),
-        attention_out_proj=_module(block, "attn.attention.out_proj", model_type),
-        mlp=_module(block, "mlp", model_type),
-        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim) for block in blocks]
-    return ModelSites(family=family, model_type=model_type, decoder=decoder, blocks=blocks,
-                      block_sites=per_block, final_norm=_module(decoder, "ln_f", model_type),
-                      head=_head(model, model_type))
-
-
-Resolver = Callable[[Any, str, str], ModelSites]
-
-# model.config.model_type -> (family as written in model.family, resolver)
-FAMILIES: dict[str, tuple[str, Resolver]] = {
-    "llama": ("llama", _llama_like),
-    "mistral": ("mistral", _llama_like),
-    "qwen2": ("qwen2", _llama_like),
-    "gpt_neox": ("gpt_neox", _gpt_neox),
-    "gpt_neo": ("gpt_neo", _gpt_neo),
+# Llama, Mistral and Qwen2 share one layout
+LLAMA_LAYOUT = Layout(decoder="model", blocks="layers", input_norm="input_layernorm",
+                      post_attention_norm="post_attention_layernorm", attention="self_attn",
+                      attention_out_proj="self_attn.o_proj", mlp="mlp", final_norm="norm")
+LAYOUTS: dict[str, Layout] = {
+    "llama": LLAMA_LAYOUT,
+    "mistral": LLAMA_LAYOUT,
+    "qwen2": LLAMA_LAYOUT,
+    # Pythia
+    "gpt_neox": Layout(decoder="gpt_neox", blocks="layers", input_norm="input_layernorm",
+                       post_attention_norm="post_attention_layernorm", attention="attention",
+                       attention_out_proj="attention.dense", mlp="mlp",
+                       final_norm="final_layer_norm",
+                       parallel_residual_attr="use_parallel_residual"),
+    # GPTNeoAttention only picks the global or local variant; the heads live one level down
+    "gpt_neo": Layout(decoder="transformer", blocks="h", input_norm="ln_1",
+                      post_attention_norm="ln_2", attention="attn.attention",
+                      attention_out_proj="attn.attention.out_proj", mlp="mlp", final_norm="ln_f",
+                      heads_attr="num_heads"),
 }
+# model.config.model_type -> family as written in model.family
+FAMILIES: dict[str, str] = {model_type: model_type for model_type in LAYOUTS}
+
+
+def _resolve(model: Any, model_type: str, layout: Layout) -> ModelSites:
+    decoder = _module(model, layout.decoder, model_type)
+    blocks = list(_module(decoder, layout.blocks, model_type))
+    n_heads, n_kv, head_dim = _heads(model.config, layout.heads_attr)
+    per_block = [BlockSites(
+        block=block,
+        input_norm=_module(block, layout.input_norm, model_type),
+        post_attention_norm=_module(block, layout.post_attention_norm, model_type),
+        attention=_module(block, layout.attention, model_type),
+        attention_out_proj=_module(block, layout.attention_out_proj, model_type),
+        mlp=_module(block, layout.mlp, model_type),
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim) for block in blocks]
+    parallel = (bool(getattr(model.config, layout.parallel_residual_attr, True))
+                if layout.parallel_residual_attr else False)
+    return ModelSites(family=FAMILIES[model_type], model_type=model_type, decoder=decoder,
+                      blocks=blocks, block_sites=per_block,
+                      final_norm=_module(decoder, layout.final_norm, model_type),
+                      head=_head(model, model_type), parallel_residual=parallel)
+
 
 # the LoRA targets of each family: every linear map of attention and MLP, by that family's names
 # (PEFT matches a name or a dotted suffix; GPT-NeoX's "dense" is attention.dense alone)
@@ -188,13 +182,12 @@ def resolve_sites(model: Any) -> ModelSites:
         model = model.get_base_model()
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", "") or type(model).__name__)
-    if model_type not in FAMILIES:
-        supported = ", ".join(f"{fam} ({mt})" for mt, (fam, _) in FAMILIES.items())
+    if model_type not in LAYOUTS:
+        supported = ", ".join(f"{fam} ({mt})" for mt, fam in FAMILIES.items())
         raise UserError(f"cannot resolve the sites of a '{model_type}' model "
                         f"({type(model).__name__})", key="model.path",
                         fix=f"use a model of a supported family: {supported}")
-    family, resolver = FAMILIES[model_type]
-    return resolver(model, model_type, family)
+    return _resolve(model, model_type, LAYOUTS[model_type])
 
 
 def site_modules(sites: ModelSites, kind: str, i: int | None = None) -> tuple[Any, Side]:
