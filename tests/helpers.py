@@ -94,3 +94,47 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
+
+
+def read_train_log(out: Path) -> list[dict[str, Any]]:
+    """The optimiser-step lines of a fine-tuning run's ``finetune/train_log.jsonl``."""
+    import json
+
+    lines = (out / "finetune" / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment of torch rank ``rank`` of ``world`` on this host, free of any launcher's
+    variables (a test may itself run under Slurm or mpiexec)."""
+    out = dict(os.environ)
+    for key in list(out):
+        if key.startswith(("SLURM_", "OMPI_COMM_WORLD", "PMI_")):
+            del out[key]
+    out.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return out
+
+
+def launch_workers(script: Path, spec: dict[str, Any], world: int,
+                   timeout: float) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``world`` ranks of ``python SCRIPT worker SPEC`` (a test file's own worker) and wait
+    for all of them; output and errors together in ``stdout``."""
+    import json
+
+    port = free_port()
+    procs = [subprocess.Popen([PYTHON, str(script), "worker", json.dumps(spec)],
+                              env=worker_env(rank, world, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    done = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, None))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return done

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from helpers import launch_workers, read_train_log
 from replandscape.config import ExperimentConfig, config_from_dict
 from replandscape.errors import UserError
 
@@ -40,51 +40,15 @@ def make_cfg(output_dir: str | Path, **finetune: Any) -> ExperimentConfig:
     })
 
 
-def read_log(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "finetune" / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
-
-
 def adapter_tensors(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in list(env):
-        if key.startswith(("SLURM_", "OMPI_COMM_WORLD", "PMI_")):
-            del env[key]
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def launch(spec: dict[str, Any], world: int = 1) -> list[subprocess.CompletedProcess[str]]:
     """Run ``world`` worker processes of this file on ``spec`` and wait for all of them."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE), "worker", json.dumps(spec)],
-                              env=_worker_env(rank, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    done = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, None))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return done
+    return launch_workers(HERE, spec, world, WORKER_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +198,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_training_lowers_the_loss_and_writes_the_layout(trained: Any) -> None:
     cfg, trainer, result = trained
     out = cfg.output_dir / "finetune"
-    log = read_log(cfg.output_dir)
+    log = read_train_log(cfg.output_dir)
     assert [r["step"] for r in log] == list(range(1, result.total_steps + 1))
     losses = [r["loss"] for r in log]
     assert sum(losses[-4:]) / 4 < sum(losses[:3]) / 3, losses
@@ -266,7 +230,7 @@ def test_training_lowers_the_loss_and_writes_the_layout(trained: Any) -> None:
                             cluster=dataclasses.replace(cfg.cluster, timeout_min=7))
     assert elsewhere.hash != cfg.hash
     assert finetune.run(elsewhere) == result
-    assert len(read_log(cfg.output_dir)) == result.total_steps  # nothing trained again
+    assert len(read_train_log(cfg.output_dir)) == result.total_steps  # nothing trained again
 
 
 def _hidden_states(model: Any, texts: list[str], tokenizer: Any) -> Any:
@@ -330,7 +294,7 @@ def test_two_gloo_ranks_zero2_and_zero3_agree(tmp_path: Path) -> None:
     procs = launch(spec, world=2)
     for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:]
-    z2, z3 = read_log(tmp_path / "z2"), read_log(tmp_path / "z3")
+    z2, z3 = read_train_log(tmp_path / "z2"), read_train_log(tmp_path / "z3")
     assert len(z2) == len(z3) == 174 // 8
     for a, b in zip(z2, z3):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
@@ -357,7 +321,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path: Path, zero_stage: in
         assert proc.returncode == 17, proc.stdout[-3000:]
     ds = tmp_path / "resumed" / "finetune" / "ds"
     assert json.loads((ds / "resume.json").read_text())["step"] == 10
-    assert len(read_log(tmp_path / "resumed")) == 12  # steps 11 and 12 are thrown away later
+    assert len(read_train_log(tmp_path / "resumed")) == 12  # steps 11 and 12 are thrown away later
     _assert_resume_state_is_not_pickled(ds / "step000010", world)
     # the killed run listed adapters, but it is not done: no result.json, the stage's marker
     from replandscape.stages import finetune
@@ -378,7 +342,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path: Path, zero_stage: in
     straight = json.loads((tmp_path / "straight" / "finetune" / "result.json").read_text())
     assert resumed["resumed_from_step"] == 10 and straight["resumed_from_step"] is None
     assert not ds.exists()  # resume state is dropped once the run has finished
-    log_r, log_s = read_log(tmp_path / "resumed"), read_log(tmp_path / "straight")
+    log_r, log_s = read_train_log(tmp_path / "resumed"), read_train_log(tmp_path / "straight")
     assert [r["step"] for r in log_r] == [r["step"] for r in log_s] == list(range(1, 22))
     assert [r["loss"] for r in log_r] == [r["loss"] for r in log_s]
     for name in ("adapter-final", "adapter-step000005"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from helpers import launch_workers, read_train_log
 from replandscape.config import ExperimentConfig, config_from_dict
 from replandscape.errors import UserError
 
@@ -49,11 +49,6 @@ def make_cfg(output_dir: str | Path, **finetune: Any) -> ExperimentConfig:
     })
 
 
-def read_log(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "finetune" / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
-
-
 def weights(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -62,40 +57,9 @@ def weights(folder: Path) -> dict[str, Any]:
     return load_file(str(folder / name))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in list(env):
-        if key.startswith(("SLURM_", "OMPI_COMM_WORLD", "PMI_")):
-            del env[key]
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def launch(spec: dict[str, Any], world: int = 1) -> list[subprocess.CompletedProcess[str]]:
     """Run ``world`` worker processes of this file on ``spec`` and wait for all of them."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE), "worker", json.dumps(spec)],
-                              env=_worker_env(rank, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    done = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, None))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return done
+    return launch_workers(HERE, spec, world, WORKER_TIMEOUT_S)
 
 
 def _ok(procs: list[subprocess.CompletedProcess[str]], code: int = 0) -> None:
@@ -281,7 +245,7 @@ def test_full_zero3_on_two_ranks_equals_one_rank_and_saves_loadable_models(tmp_p
     result = json.loads((z3 / "result.json").read_text())
     assert result["method"] == "full" and result["world_size"] == 2 and result["zero_stage"] == 3
     assert result["total_steps"] == 6 and result["loss"] == "all"
-    log2, log1 = read_log(tmp_path / "z3"), read_log(tmp_path / "one")
+    log2, log1 = read_train_log(tmp_path / "z3"), read_train_log(tmp_path / "one")
     assert [r["step"] for r in log2] == [r["step"] for r in log1] == list(range(1, 7))
     for a, b in zip(log2, log1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -351,7 +315,7 @@ def test_a_killed_full_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     straight = json.loads((tmp_path / "straight" / "finetune" / "result.json").read_text())
     assert resumed["resumed_from_step"] == 4 and straight["resumed_from_step"] is None
     assert not ds.exists()
-    log_r, log_s = read_log(tmp_path / "resumed"), read_log(tmp_path / "straight")
+    log_r, log_s = read_train_log(tmp_path / "resumed"), read_train_log(tmp_path / "straight")
     assert [r["loss"] for r in log_r] == [r["loss"] for r in log_s]
     for name in ("checkpoint-step000002", "checkpoint-step000006", "checkpoint-final"):
         a = weights(tmp_path / "resumed" / "finetune" / name)
