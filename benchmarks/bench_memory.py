@@ -1,8 +1,9 @@
 """Peak memory of each rank: does any rank hold the whole model?
 
 Builds a randomly initialised Llama of a given shape, saved in several safetensors shards, and a
-tiny twin of the same depth; runs base extraction, fine-tuning and fine-tuned extraction on 2
-torch ranks (gloo, DeepSpeed ZeRO-3) for both, and reports each rank's peak anonymous memory
+tiny twin of the same depth; runs base extraction, fine-tuning, fine-tuned extraction, activation
+and attribution patching and attention knockout on 2 torch ranks (gloo, DeepSpeed ZeRO-3) for
+both, and reports each rank's peak anonymous memory
 (``REPLANDSCAPE_PEAK_MEMORY``, :mod:`replandscape.memprobe`) above the tiny twin's run, i.e. what
 the model's weights cost the rank. The claim checked: no rank exceeds its share of the weights
 (model bytes / ranks) plus the largest shard plus a bounded overhead (the gathered layer, the
@@ -42,6 +43,7 @@ TINY_HIDDEN, TINY_INTER = 64, 128
 # (bounded by the hidden size, replandscape.dist.torchdist.zero3_bounded_memory), activations
 # and the LoRA training state of these short prompts
 OVERHEAD_MIB = 160
+STAGES = ("extract", "finetune", "extract-ft", "patch", "knockout")
 
 
 def build_model(folder: Path, layers: int, hidden: int, inter: int, heads: int, kv: int,
@@ -89,6 +91,9 @@ def write_config(path: Path, model_dir: Path, out: Path, layers: int, hidden: in
         "analysis": {"maxk": 10, "range_max": 8, "id_scale_index": 1, "density_k": 4},
         "finetune": {"lora_rank": 4, "lora_alpha": 8, "effective_batch": 8, "micro_batch": 2,
                      "max_seq_len": 256, "samples_per_subject": 4},
+        # the base model's circuits (exact and attribution) and a 1-shot knockout with a scan
+        "patch": {"shots": [0], "finetuned": False, "limit": 4, "pair_batch": 2},
+        "knockout": {"shots": [1], "limit": 4, "batch_size": 2, "scan_last": 2},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                        ("tiny", work / f"model-{args.shape}-tiny", TINY_HIDDEN)):
             cfg = write_config(runs / f"{name}.yaml", model_dir, runs / name, layers, width)
             probe = runs / f"probe-{name}"
-            for stage in ("extract", "finetune", "extract-ft"):
+            for stage in STAGES:
                 run_ranks(2, stage, cfg, probe)
             files[name] = runs / name / "activations"
             if name == "big":
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         share = big["bytes"] / 2
         bound = share + big["largest_shard_bytes"] + OVERHEAD_MIB * MIB
         ok = True
-        for stage in ("extract", "finetune", "extract-ft"):
+        for stage in STAGES:
             big_peaks = peaks(runs / "probe-big", stage)
             tiny_peaks = peaks(runs / "probe-tiny", stage)
             above = [b - t for b, t in zip(big_peaks, tiny_peaks)]

@@ -22,8 +22,8 @@ FT = {"epochs": 1, "effective_batch": 8, "micro_batch": 4, "samples_per_subject"
 
 @pytest.mark.slow
 def test_no_rank_holds_the_whole_model(tmp_path: Path) -> None:
-    """Extraction, fine-tuning and fine-tuned extraction of a 290 MB model in 8 shards on 2
-    ZeRO-3 ranks: each rank's peak memory above a tiny twin's stays within its share, one shard
+    """Extraction, fine-tuning, fine-tuned extraction, patching and knockout of a 290 MB model
+    in 8 shards on 2 ZeRO-3 ranks: each rank's peak memory above a tiny twin's stays within its share, one shard
     and a bounded overhead, and the activations equal a one-rank run."""
     out = tmp_path / "memory.json"
     proc = subprocess.run([PYTHON, str(REPO / "benchmarks" / "bench_memory.py"), "--shape",
@@ -32,6 +32,8 @@ def test_no_rank_holds_the_whole_model(tmp_path: Path) -> None:
     assert out.is_file(), proc.stdout + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["model"]["shards"] >= 5 and report["model"]["bytes"] > 250e6
+    assert [s["stage"] for s in report["stages"]] == ["extract", "finetune", "extract-ft",
+                                                      "patch", "knockout"]
     for stage in report["stages"]:
         assert stage["within_bound"], (stage, proc.stdout)
         if stage["stage"] != "finetune":
