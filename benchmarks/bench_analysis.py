@@ -24,7 +24,9 @@ Three measurements, each side in its own fresh processes, ratios from the same r
 
 Engines: ``engine="dadapy"`` is DADApy's default path (``Data(coordinates=X).compute_distances``:
 scikit-learn's float64 brute force); ``engine="fast"`` is the suite's ``exact_knn`` handing the
-same neighbours to the same DADApy estimators. The run checks identical ADP assignments (with and
+same neighbours to the same DADApy estimators, by default exact where the estimators read (the
+first ranks, the overlap's per-class sets, ADP's walks; float32 candidates elsewhere), with
+``--exact-neighbours`` exact throughout (the engine's float64 search). The run checks identical ADP assignments (with and
 without halo), IDs equal to 1e-6 relative, identical ARIs and overlaps, and prints the machine's
 load average before and after (on a shared machine the ratios are what to read).
 
@@ -116,6 +118,9 @@ def load() -> str:
 def worker(engine: str, folder: Path, sites: int, out: Path) -> None:
     import dadapy  # noqa: F401  (start-up, not timed: it takes seconds, it loads jax)
 
+    exact = engine == "fast-exact"
+    engine = "fast" if exact else engine
+
     from replandscape.allocator import retain_freed_memory
     from replandscape.metrics.geometry import GeometryParams, compute_geometry
 
@@ -131,7 +136,7 @@ def worker(engine: str, folder: Path, sites: int, out: Path) -> None:
     for site in range(sites):
         X = np.load(folder / f"X{site}.npy")
         t0, c0 = time.perf_counter(), time.process_time()
-        res = compute_geometry(X, labels, params)
+        res = compute_geometry(X, labels, params, exact_neighbours=exact)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append({
             "site": site, "seconds": wall, "cpu": cpu, "steps": res.seconds, "n_peaks": res.n_peaks,
@@ -182,6 +187,9 @@ def main() -> None:
                         help="sites per in-process run: the first, then the amortised (default 3)")
     parser.add_argument("--skip-whole-process", action="store_true",
                         help="in-process measurements only")
+    parser.add_argument("--exact-neighbours", action="store_true",
+                        help="the suite's neighbour lists exact throughout (float64 search) "
+                             "instead of exact where DADApy's estimators read")
     parser.add_argument("--worker", nargs=4, metavar=("ENGINE", "FOLDER", "SITES", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,10 +233,13 @@ def main() -> None:
         # -- in-process: each engine in its own fresh process, DADApy first
         results: dict[str, list[dict[str, Any]]] = {}
         arrays: dict[str, Any] = {}
+        suite_engine = "fast-exact" if args.exact_neighbours else "fast"
+        print(f"suite: {'exact throughout' if args.exact_neighbours else 'exact where read'}",
+              flush=True)
         for engine in ("dadapy", "fast"):
             out = folder / f"{engine}.json"
-            subprocess.run([py, __file__, "--worker", engine, str(folder), str(args.sites),
-                            str(out)], check=True)
+            subprocess.run([py, __file__, "--worker", suite_engine if engine == "fast" else engine,
+                            str(folder), str(args.sites), str(out)], check=True)
             results[engine] = json.loads(out.read_text())
             arrays[engine] = np.load(out.with_suffix(".npz"))
         print(f"load average after the in-process runs: {load()}")

@@ -38,7 +38,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from replandscape.errors import UserError
-from replandscape.metrics.neighbors import deduplicate, exact_knn
+from replandscape.metrics.neighbors import deduplicate, exact_knn, exact_knn_rows
 
 Engine = Literal["fast", "dadapy"]
 
@@ -324,6 +324,112 @@ def _label_name(value: Any, names: Sequence[str] | None) -> str:
     return str(value)
 
 
+# the DADApy releases whose reads exact_reads and _adp_rows_past follow (checked against their
+# source); with any other, the fast engine makes its whole neighbour lists exact
+ADP_REPLAY_VERSIONS = ("0.3.4",)
+
+
+def _reads_known() -> bool:
+    """Whether the installed DADApy is one whose reads this module follows."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dadapy") in ADP_REPLAY_VERSIONS
+    except PackageNotFoundError:
+        return False
+
+
+def exact_reads(
+    params: GeometryParams, n_points: int, codes: Mapping[str, np.ndarray]
+) -> tuple[int, list[np.ndarray]]:
+    """What DADApy's estimators read of the neighbour lists, as called by
+    :func:`compute_geometry` (dadapy 0.3): ``(R, cuts)``.
+
+    ``R``, the deepest rank whose distance or position is read: TwoNN reads ranks 1 and 2;
+    Gride the ranks ``2^i``, ``i <= int(log(min(N, range_max), 2))``; the kNN density rank
+    ``density_k``, which it sets as every point's ``kstar``; ADP the order of ranks
+    ``1 .. kstar`` (centres, the first neighbour in another cluster) and, past them, walks
+    along rows that :func:`_adp_rows_past` checks. ``cuts``, one per label array: the label
+    overlap reads the set of the first ``max(1, int(class size x fraction))`` neighbours of
+    each point, per its class.
+    """
+    max_step = int(math.log(min(n_points, params.range_max), 2))  # as DADApy computes it
+    R = max(2, 2**max_step, params.density_k)
+    cuts = []
+    for c in codes.values():
+        counts = np.bincount(c)
+        per_class = np.maximum(1, (counts * params.overlap_fraction).astype(np.int64))
+        cuts.append(per_class[c])
+    return R, cuts
+
+
+def _adp_rows_past(
+    ind: np.ndarray, data: Any, Z: float, R: int, exact_row: np.ndarray
+) -> np.ndarray | None:
+    """Rows whose order past rank ``R`` DADApy's ADP (``compute_clustering_ADP``, Cython,
+    dadapy 0.3) reads, among those not yet exact (``exact_row``); None when the check cannot
+    tell (then every row must be exact).
+
+    ADP reads, with ``g = log_den_c - log_den_err`` as it computes it: ranks ``1 .. kstar`` of
+    every row (centres, and the first neighbour ``p2`` of ``p1`` in another preliminary
+    cluster); in the preliminary assignment, the row of each non-centre point up to its first
+    neighbour already assigned (a surviving centre or a point of higher ``g``), which can lie
+    past ``kstar`` for removed centres; at the borders, the row of ``p2`` up to ``p1`` or the
+    first point of ``p1``'s cluster. The walks that end within rank ``R`` read only exact
+    ranks; the rows of the others are returned (the preliminary walks first, as the
+    assignment that the border walks depend on follows from them). A walk that ends nowhere
+    (DADApy's fallback through the removed centres) returns None.
+    """
+    N = ind.shape[0]
+    kstar = np.asarray(data.kstar, dtype=np.int64)
+    if kstar.min() != kstar.max() or int(kstar[0]) > R:
+        return None
+    kd = int(kstar[0])
+    log_den = np.asarray(data.log_den)
+    log_den_err = np.asarray(data.log_den_err)
+    log_den_min = np.min(log_den - Z * log_den_err)
+    g = (log_den - log_den_min + 1) - log_den_err  # as DADApy's compute_clustering_ADP
+    nb = ind[:, 1 : kd + 1]
+    center0 = ~(g[:, None] < g[nb]).any(axis=1)
+    hits = center0[nb] & (g[:, None] > g[nb])
+    center = center0.copy()
+    center[nb[hits]] = False
+    pos = np.empty(N, dtype=np.int64)
+    pos[np.argsort(-g)] = np.arange(N)
+    # preliminary assignment: each non-centre row up to its first assigned neighbour
+    head = ind[:, 1 : R + 1]
+    assigned = center[head] | (pos[head] < pos[:, None])
+    found = assigned.any(axis=1)
+    stop = np.where(found, assigned.argmax(axis=1) + 1, -1)
+    stop[center] = 0
+    past = np.flatnonzero((stop < 0) & ~exact_row)
+    if past.size:
+        return past
+    for r in np.flatnonzero(stop < 0):  # exact rows: their whole row is readable
+        row = ind[r, 1:]
+        ok = center[row] | (pos[row] < pos[r])
+        if not ok.any():
+            return None
+        stop[r] = int(ok.argmax()) + 1
+    parent = ind[np.arange(N), stop]  # the point itself for centres
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            break
+        parent = up
+    cluster = parent  # the centre each point joins: equal exactly when ADP's ids are equal
+    # borders: p1 (not a centre) with a neighbour p2 of another cluster within kstar
+    p1 = np.flatnonzero(~center)
+    other = cluster[nb[p1]] != cluster[p1, None]
+    p1 = p1[other.any(axis=1)]
+    if not p1.size:
+        return np.zeros(0, dtype=np.int64)
+    p2 = nb[p1, other[other.any(axis=1)].argmax(axis=1)]
+    walk = ind[p2, 1 : R + 1]
+    ends = ((walk == p1[:, None]) | (cluster[walk] == cluster[p1, None])).any(axis=1)
+    return np.unique(p2[~ends & ~exact_row[p2]])
+
+
 def compute_geometry(
     X: np.ndarray,
     labels: Mapping[str, np.ndarray],
@@ -331,6 +437,7 @@ def compute_geometry(
     *,
     label_names: Mapping[str, Sequence[str]] | None = None,
     neighbours: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    exact_neighbours: bool = False,
 ) -> GeometryResult:
     """All geometry metrics of one ``[N, D]`` array of representations.
 
@@ -344,6 +451,11 @@ def compute_geometry(
         neighbours: optional ``(X_unique, k) -> (dist, ind)`` used instead of
             :func:`exact_knn` by the fast engine (the MPI layer passes a search split over ranks
             by row blocks); it must return what :func:`exact_knn` would.
+        exact_neighbours: make the fast engine's whole neighbour lists exact. By default it
+            makes exact only what DADApy's estimators read (:func:`exact_reads`: the first
+            ``R`` ranks, the overlap's per-class sets; ADP's walks past rank ``R`` checked by
+            :func:`_adp_rows_past`, and their rows searched exactly): the results are the same,
+            the search about half as costly (docs/method.md §5).
 
     Returns:
         The :class:`GeometryResult`.
@@ -385,8 +497,19 @@ def compute_geometry(
         if params.engine == "fast":
             # one search serves both: a prefix of a (distance, index)-sorted list is the shorter list
             k_search = max(params.maxk, k_overlap)
+            R, cuts = exact_reads(params, N, codes)
+            partial = (neighbours is None and not exact_neighbours and k_search > R
+                       and _reads_known())
             if neighbours is not None:
                 dist, ind = neighbours(Xu, k_search)
+            elif partial:
+                search_info: dict[str, Any] = {}
+                dist, ind = exact_knn(
+                    Xu, k_search, threads=params.threads, device=params.device,  # type: ignore[arg-type]
+                    exact_ranks=R, exact_cuts=[np.minimum(c, k_search) for c in cuts],
+                    info=search_info,
+                )
+                partial = search_info.get("strategy") == "float32-ranks"
             else:
                 dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
             # imported only now: importing dadapy takes seconds (it loads jax), which a caller
@@ -394,6 +517,25 @@ def compute_geometry(
             from dadapy import Data
 
             m = params.maxk + 1
+            exact_row = np.zeros(N, dtype=bool)
+            while partial:
+                # ADP's walks past the exact ranks: their rows made exact, until none is left
+                # (the density ADP starts from reads only exact ranks)
+                scratch = Data(distances=(dist[:, :m], ind[:, :m]), maxk=params.maxk, verbose=False)
+                ids_, _, _ = scratch.return_id_scaling_gride(range_max=params.range_max)
+                scratch.set_id(float(ids_[params.id_scale_index]))
+                scratch.compute_density_kNN(k=params.density_k)
+                rows = _adp_rows_past(ind[:, :m], scratch, params.Z, R, exact_row)
+                if rows is None:  # not decidable: every row exact
+                    dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+                    break
+                if not rows.size:
+                    break
+                d_rows, i_rows = exact_knn_rows(
+                    Xu, rows, k_search, threads=params.threads, device=params.device  # type: ignore[arg-type]
+                )
+                dist[rows], ind[rows] = d_rows, i_rows
+                exact_row[rows] = True
             data = Data(
                 distances=(np.ascontiguousarray(dist[:, :m]), np.ascontiguousarray(ind[:, :m])),
                 maxk=params.maxk,

@@ -72,6 +72,9 @@ _RERANK_ROWS = 128  # rows re-ranked together in float64 (their candidate union 
 # the float64 search; the pilot's block is tighter than the average block, whose union is 0.18).
 _RERANK_COST = 4.5
 _HASH_COLUMNS = 256
+# float32 products are summed over chunks of this many columns (a tighter error bound)
+_CHUNK_K = 256
+_BAND_ROWS = 32  # rows whose cut-band points are multiplied together
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
 # per GB in some virtual machines (and a few tenths on bare metal), and an analysis calls the
@@ -283,6 +286,107 @@ def _select_smallest(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndar
     return cand, cvals, nxt
 
 
+def _select_sorted(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n_keep`` smallest entries of each row in increasing order, and the next value.
+
+    A threshold from a strided sample of the columns keeps a small superset of the wanted
+    entries (about 1.3 times as many), which is gathered into a narrow block and sorted; rows
+    where the sample guessed too low are sorted in full. Gathering through one flat index of
+    the whole block and sorting the narrow block costs about a third of a partition of the
+    full rows, and leaves the entries ordered.
+    """
+    n_rows, N = keys.shape
+    target = n_keep + 1
+    cand = np.empty((n_rows, n_keep), dtype=np.int64)
+    cvals = np.empty((n_rows, n_keep), dtype=keys.dtype)
+    nxt = np.full(n_rows, np.inf, dtype=keys.dtype)
+    if 4 * target > N:  # a threshold would keep too much to save anything
+        order = np.argsort(keys, axis=1)[:, : min(target, N)]
+        cand[...] = order[:, :n_keep]
+        cvals[...] = np.take_along_axis(keys, cand, axis=1)
+        if target <= N:
+            nxt[...] = np.take_along_axis(keys, order[:, n_keep : n_keep + 1], axis=1)[:, 0]
+        return cand, cvals, nxt
+    stride = max(1, target // 128)
+    sample = keys[:, ::stride]
+    expected = target / stride  # rank of the wanted boundary within the sample
+    rank = min(sample.shape[1] - 1, int(math.ceil(1.1 * expected + 2.0 * math.sqrt(expected))) + 1)
+    threshold = np.partition(sample, rank, axis=1)[:, rank]
+    mask = keys <= threshold[:, None]
+    counts = mask.sum(axis=1)
+    bad = np.flatnonzero(counts < target)
+    if bad.size:
+        mask[bad] = False
+        counts[bad] = 0
+    good = np.flatnonzero(counts)
+    if good.size:
+        flat = np.flatnonzero(mask)
+        r_idx = np.repeat(np.arange(n_rows), counts)
+        slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = int(counts.max())
+        padded = np.full((n_rows, width), np.inf, dtype=keys.dtype)
+        padded_cols = np.zeros((n_rows, width), dtype=np.int64)
+        padded[r_idx, slot] = keys.ravel()[flat]
+        padded_cols[r_idx, slot] = flat - r_idx * N
+        padded, padded_cols = padded[good], padded_cols[good]
+        order = np.argsort(padded, axis=1)[:, :target]
+        cand[good] = np.take_along_axis(padded_cols, order[:, :n_keep], axis=1)
+        cvals[good] = np.take_along_axis(padded, order[:, :n_keep], axis=1)
+        nxt[good] = np.take_along_axis(padded, order[:, n_keep:target], axis=1)[:, 0]
+    if bad.size:
+        order = np.argsort(keys[bad], axis=1)[:, :target]
+        cand[bad] = order[:, :n_keep]
+        cvals[bad] = np.take_along_axis(keys[bad], order[:, :n_keep], axis=1)
+        nxt[bad] = np.take_along_axis(keys[bad], order[:, n_keep:target], axis=1)[:, 0]
+    return cand, cvals, nxt
+
+
+def _rank_blocks(cand: np.ndarray, reach: int, size: int) -> list[np.ndarray]:
+    """Blocks of rows for the exact first ranks: a row not yet placed opens a block, which
+    grows by the unplaced points among the ``reach`` nearest candidates of its members, layer
+    by layer, up to ``size`` rows. A block thus stays within one neighbourhood, and the union of
+    its rows' first ranks (what its one product covers) stays close to the block itself. Small
+    blocks are not merged: a merged block's product would cover the union of unrelated
+    neighbourhoods for every row."""
+    N = cand.shape[0]
+    placed = np.zeros(N, dtype=bool)
+    blocks: list[np.ndarray] = []
+    for seed in range(N):
+        if placed[seed]:
+            continue
+        placed[seed] = True
+        members = [np.array([seed])]
+        frontier = members[0]
+        count = 1
+        while frontier.size and count < size:
+            near = np.unique(cand[frontier, 1 : reach + 1])
+            new = near[~placed[near]][: size - count]
+            placed[new] = True
+            members.append(new)
+            count += new.size
+            frontier = new
+        blocks.append(np.concatenate(members))
+    return blocks
+
+
+def _product_summed(
+    a: np.ndarray, b: np.ndarray, out: np.ndarray, chunk: int | None, scratch: np.ndarray | None
+) -> None:
+    """``out[...] = a @ b.T`` with the sum over columns cut into products of ``chunk`` columns,
+    added in order in ``out``'s precision: each term of a dot product then meets at most
+    ``chunk + ceil(D / chunk) - 1`` roundings, whatever order the BLAS sums in (see
+    :func:`_float32_error_bound`). ``scratch``: at least ``out``'s shape, rows contiguous."""
+    D = a.shape[1]
+    if chunk is None or chunk >= D or scratch is None:
+        product_nt(a, b, out)
+        return
+    product_nt(a[:, :chunk], b[:, :chunk], out)
+    part = scratch[: out.shape[0], : out.shape[1]]
+    for m in range(chunk, D, chunk):
+        product_nt(a[:, m : m + chunk], b[:, m : m + chunk], part)
+        out += part
+
+
 def _neighbourhood_blocks(cand: np.ndarray, ckey: np.ndarray, size: int) -> list[np.ndarray]:
     """Group the rows into blocks of nearby rows, whose candidate sets overlap most.
 
@@ -335,6 +439,8 @@ class _Backend(Protocol):
         block_rows: int,
         symmetric: bool,
         workers: int = 1,
+        chunk_k: int | None = None,
+        ordered: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def gram(
@@ -349,16 +455,17 @@ class _Backend(Protocol):
 
 
 def _take_smallest(
-    keys: np.ndarray, i0: int, n_keep: int
+    keys: np.ndarray, i0: int, n_keep: int, ordered: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For rows ``i0 ...`` of the key matrix: the point itself, the other smallest keys, and the
-    next key of each row (the smallest key left out)."""
+    next key of each row (the smallest key left out). ``ordered``: the kept keys sorted, the
+    point itself first."""
     n_rows = keys.shape[0]
     rows = np.arange(n_rows)
     self_cols = np.arange(i0, i0 + n_rows)
     saved = keys[rows, self_cols].copy()
     keys[rows, self_cols] = -np.inf
-    cand, cvals, nxt = _select_smallest(keys, n_keep)
+    cand, cvals, nxt = (_select_sorted if ordered else _select_smallest)(keys, n_keep)
     keys[rows, self_cols] = saved
     r, c = np.nonzero(cand == self_cols[:, None])
     cvals[r, c] = saved[r]
@@ -432,13 +539,17 @@ class _NumpyBackend:
         block_rows: int,
         symmetric: bool,
         workers: int = 1,
+        chunk_k: int | None = None,
+        ordered: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row, the ``n_keep`` smallest keys ``|x_j|^2 - 2 x_i.x_j`` (the row's own
         ``|x_i|^2`` left out), in the precision of ``X``.
 
         The keys are formed as ``|x_j|^2 / 2 - x_i.x_j`` and doubled at the end: halving and
         doubling are exact, so the values are those of the direct formula, for one pass over
-        the products instead of two.
+        the products instead of two. ``chunk_k``: the products are summed over chunks of that
+        many columns (:func:`_product_summed`); ``ordered``: each row's kept keys sorted, the
+        point itself first.
         """
         self.seconds = {}
         N = X.shape[0]
@@ -460,7 +571,7 @@ class _NumpyBackend:
             np.subtract(half_sq, keys, out=keys)
             i1 = i0 + keys.shape[0]
             if n_keep < N:
-                cand[i0:i1], ckey[i0:i1], nxt[i0:i1] = _take_smallest(keys, i0, n_keep)
+                cand[i0:i1], ckey[i0:i1], nxt[i0:i1] = _take_smallest(keys, i0, n_keep, ordered)
             else:
                 cand[i0:i1] = np.arange(N)
                 ckey[i0:i1] = keys
@@ -469,15 +580,22 @@ class _NumpyBackend:
             # each product block fills two blocks of rows of the stored matrix; the blocks of
             # a row of blocks go to one worker, largest rows first
             full = _workspace("matrix", (N, N), dtype)
+            tiles = (
+                _BufferPool("tile", (block_rows, block_rows), dtype, workers)
+                if chunk_k is not None
+                else None
+            )
 
             def products(a: int) -> None:
                 i0, i1 = starts[a], min(starts[a] + block_rows, N)
-                for j0 in starts[a:]:
-                    j1 = min(j0 + block_rows, N)
-                    out = full[i0:i1, j0:j1]
-                    product_nt(X[i0:i1], X[j0:j1], out)
-                    if j0 != i0:
-                        _copy_transposed(out, full[j0:j1, i0:i1])
+                with contextlib.ExitStack() as stack:
+                    scratch = stack.enter_context(tiles.take()) if tiles is not None else None
+                    for j0 in starts[a:]:
+                        j1 = min(j0 + block_rows, N)
+                        out = full[i0:i1, j0:j1]
+                        _product_summed(X[i0:i1], X[j0:j1], out, chunk_k, scratch)
+                        if j0 != i0:
+                            _copy_transposed(out, full[j0:j1, i0:i1])
 
             t0 = time.perf_counter()
             _run_parallel(products, range(len(starts)), workers)
@@ -489,12 +607,23 @@ class _NumpyBackend:
             self.seconds["selection"] = time.perf_counter() - t0
         else:
             buffers = _BufferPool("keys", (block_rows, N), dtype, workers)
+            parts = (
+                _BufferPool("part", (block_rows, block_rows), dtype, workers)
+                if chunk_k is not None
+                else None
+            )
 
             def block(i0: int) -> None:
                 i1 = min(i0 + block_rows, N)
-                with buffers.take() as buf:
+                with buffers.take() as buf, contextlib.ExitStack() as stack:
                     keys = buf[: i1 - i0]
-                    product_nt(X[i0:i1], X, keys)
+                    if parts is None:
+                        product_nt(X[i0:i1], X, keys)
+                    else:
+                        scratch = stack.enter_context(parts.take())
+                        for j0 in starts:
+                            j1 = min(j0 + block_rows, N)
+                            _product_summed(X[i0:i1], X[j0:j1], keys[:, j0:j1], chunk_k, scratch)
                     select(keys, i0)
 
             _run_parallel(block, starts, workers)
@@ -556,8 +685,12 @@ class _TorchBackend:
         block_rows: int,
         symmetric: bool,
         workers: int = 1,
+        chunk_k: int | None = None,
+        ordered: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # torch spreads its products and top-k over its own threads; ``workers`` is unused
+        # torch spreads its products and top-k over its own threads; ``workers`` is unused; its
+        # top-k is sorted already; ``chunk_k`` is not supported (the engine uses this back end
+        # only for fully exact searches)
         torch = self.torch
         Xt = self._tensor(X)
         N = X.shape[0]
@@ -643,9 +776,12 @@ def exact_knn(
     memory_limit_gb: float = 2.0,
     keep_workspace: bool = True,
     huge_pages: bool = False,
+    exact_ranks: int | None = None,
+    exact_cuts: Sequence[int | np.ndarray] = (),
     info: MutableMapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest neighbours of every row of ``X``, as an exact float64 search finds them.
+    """The ``k`` nearest neighbours of every row of ``X``, as an exact float64 search finds them
+    (by default; ``exact_ranks`` asks for less).
 
     Args:
         X: ``[N, D]`` finite array of any float type; distances are those of its float64 cast.
@@ -672,6 +808,21 @@ def exact_knn(
             during the call (its default on Linux). Off by default: on virtual machines whose
             host reclaims freed memory, first-touching huge pages costs several times more than
             small pages (see :func:`_page_size`); results are the same either way.
+        exact_ranks: if given (``R``), a weaker contract that costs about half: only the first
+            ``R`` neighbours of each row are exact (indices, float64 distances and order, as
+            without it); past rank ``R`` the columns hold the float32 search's nearest
+            candidates in its order, with distances from float32 products (a few 1e-5 of the
+            distance at most, never below the previous column); except that for each cut
+            ``c`` of ``exact_cuts`` the first ``c`` columns hold exactly the set of the ``c``
+            nearest points (their order past ``R`` still the float32 one). Guaranteed, not
+            statistical: the float32 error has a worst-case bound
+            (:func:`_float32_error_bound`), candidates within twice the bound of a boundary get
+            float64 values, and rows whose candidate list is too short are searched in full.
+            Used on the CPU back end when it pays (``strategy`` auto or float32, ``R < k``,
+            ``N`` above twice the candidate count); otherwise the search is fully exact, which
+            meets the contract too. ``info["strategy"]`` says which ran (``"float32-ranks"``).
+        exact_cuts: with ``exact_ranks``: cuts ``c <= k``, each an int or one value per row
+            (the overlap's ``int(fraction x class size)`` of the row's class).
         info: if given, filled with the back end, the strategy, the candidate count, the
             float32 error bound, the rows that needed the fallback and timings in seconds.
 
@@ -694,10 +845,20 @@ def exact_knn(
         raise ValueError(f"strategy must be auto, float32 or float64; got {strategy!r}")
     if not np.issubdtype(X.dtype, np.number):
         raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+    cuts: list[np.ndarray] = []
+    if exact_ranks is not None:
+        exact_ranks = int(exact_ranks)
+        if exact_ranks < 1:
+            raise ValueError(f"exact_ranks must be at least 1, got {exact_ranks}")
+        for cut in exact_cuts:
+            arr = np.broadcast_to(np.asarray(cut, dtype=np.int64), (N,))
+            if arr.size and (arr.min() < 1 or arr.max() > k):
+                raise ValueError(f"exact_cuts must lie in [1, k = {k}]")
+            cuts.append(np.ascontiguousarray(arr))
     with _page_size(huge_pages):
         return _exact_knn(
             X, k, block_rows, threads, device, strategy, margin, memory_limit_gb,
-            keep_workspace, info, t_start,
+            keep_workspace, info, t_start, exact_ranks, cuts,
         )
 
 
@@ -713,11 +874,28 @@ def _exact_knn(
     keep_workspace: bool,
     info: MutableMapping[str, Any] | None,
     t_start: float,
+    exact_ranks: int | None = None,
+    cuts: Sequence[np.ndarray] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_knn` once its arguments are checked."""
     N, D = X.shape
     timings: dict[str, float] = {}
     extra: dict[str, Any] = {}
+    if margin is None:
+        margin = max(32, k // 20)
+    n_cand = min(N, k + 1 + int(margin))
+    backend = _make_backend(device)
+    if (
+        exact_ranks is not None
+        and exact_ranks < k
+        and strategy in ("auto", "float32")
+        and backend.name == "numpy"
+        and 2 * n_cand < N
+    ):
+        return _exact_knn_ranks(
+            X, k, n_cand, exact_ranks, cuts, backend, block_rows, threads, memory_limit_gb,
+            keep_workspace, info, t_start,
+        )
 
     t0 = time.perf_counter()
     # Translation leaves distances unchanged and keeps |x|^2 + |y|^2 - 2 x.y well conditioned;
@@ -733,10 +911,6 @@ def _exact_knn(
     groups = duplicate_groups(X)
     timings["prepare"] = time.perf_counter() - t0
 
-    if margin is None:
-        margin = max(32, k // 20)
-    n_cand = min(N, k + 1 + int(margin))
-    backend = _make_backend(device)
     fits = memory_limit_gb * 2**30 >= N * N * 8
     dist_sq = np.empty((N, k + 1), dtype=np.float64)
     ind = np.empty((N, k + 1), dtype=np.int64)
@@ -800,6 +974,65 @@ def _exact_knn(
                 extra,
             )
 
+    if not keep_workspace:
+        release_workspace()
+    dist = np.sqrt(dist_sq, out=dist_sq)
+    if info is not None:
+        timings["total"] = time.perf_counter() - t_start
+        info.update(backend=backend.name, seconds=timings, **extra)
+    return dist, ind
+
+
+def _exact_knn_ranks(
+    X: np.ndarray,
+    k: int,
+    n_cand: int,
+    ranks: int,
+    cuts: Sequence[np.ndarray],
+    backend: _Backend,
+    block_rows: int,
+    threads: int | None,
+    memory_limit_gb: float,
+    keep_workspace: bool,
+    info: MutableMapping[str, Any] | None,
+    t_start: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_knn` with ``exact_ranks`` (see :func:`_search_partial`)."""
+    N, D = X.shape
+    timings: dict[str, float] = {}
+    extra: dict[str, Any] = {"strategy": "float32-ranks"}
+    t0 = time.perf_counter()
+    shift = _shift(X)
+    # the shifted points are needed only in float32 (and in float64 for a few rows at a time)
+    X32 = _workspace("points32", (N, D), np.float32)
+    sq64 = np.empty(N, dtype=np.float64)
+    step = max(1, (16 * 2**20) // (8 * D))
+    for s in range(0, N, step):
+        block = np.subtract(X[s : s + step], shift, dtype=np.float64)
+        sq64[s : s + step] = np.einsum("ij,ij->i", block, block)
+        X32[s : s + step] = block
+    if not np.isfinite(sq64).all():
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values")
+        raise ValueError("X has values too large to square in float64")
+    groups = duplicate_groups(X)
+    timings["prepare"] = time.perf_counter() - t0
+
+    dist_sq = np.empty((N, k + 1), dtype=np.float64)
+    ind = np.empty((N, k + 1), dtype=np.int64)
+    with backend.limit_threads(threads):
+        workers = _blas_threads()
+        extra.update(workers=workers, blas=chosen_library(np.float32))
+        failed = _search_partial(
+            backend, X, shift, X32, sq64, groups, k, n_cand, ranks, cuts, block_rows,
+            memory_limit_gb * 2**30 >= N * N * 4, dist_sq, ind, workers, timings, extra,
+        )
+        t0 = time.perf_counter()
+        if failed.size:
+            Xc = _workspace("points", (N, D), np.float64)
+            np.subtract(X, shift, out=Xc, casting="unsafe")
+            _exhaustive_rows(backend, Xc, failed, sq64, groups, k, dist_sq, ind, block_rows, workers)
+        timings["fallback_float64"] = time.perf_counter() - t0
     if not keep_workspace:
         release_workspace()
     dist = np.sqrt(dist_sq, out=dist_sq)
@@ -1013,6 +1246,231 @@ def _search_float32(
         n_fallback_rows=int(failed.size),
         rerank_pairs_per_candidate=pairs / float(N * n_cand),
     )
+
+
+def _float32_error_bound(sq64: np.ndarray, D: int, chunk: int | None) -> np.ndarray:
+    """Per row ``i``, a bound on ``|a_ij - d2_ij|`` over every ``j``: ``a_ij`` the squared distance
+    that the float32 keys give (``|x_i|^2 + key_ij``, see :meth:`_NumpyBackend.smallest`), ``d2_ij``
+    the one an exact float64 search computes; ``x`` are the shifted points.
+
+    Worst-case (not statistical) rounding analysis. Each dot product of the float32 points is a
+    sum of ``D`` products that, summed over chunks of ``chunk`` columns (:func:`_product_summed`),
+    meets at most ``h = chunk + ceil(D / chunk) - 1`` roundings, in whatever order the BLAS sums,
+    hence an error below ``gamma_h sum_k |x_ik x_jk| <= gamma_h |x_i| |x_j|`` (Cauchy-Schwarz),
+    ``gamma_h = h u / (1 - h u)``, ``u = 2^-24``. Rounding the points to float32 adds
+    ``(2u + u^2) |x_i| |x_j|``, rounding ``|x_j|^2 / 2`` and the key's subtraction ``u |x_j|^2``
+    and ``u |key|``; the key is doubled. The float64 side (``|x|^2`` and the exact search's own
+    products, ``D + 4`` roundings at ``2^-53``) is bounded by ``4 gamma64 (|x_i| + M)^2``, ``M``
+    being the largest norm, which also stands for ``|x_j|``.
+    """
+    u = float(np.finfo(np.float32).eps) / 2.0
+    u64 = float(np.finfo(np.float64).eps) / 2.0
+    h = D if chunk is None or chunk >= D else chunk + -(-D // chunk) - 1
+    if h * u >= 0.01:
+        raise ValueError(f"dimension {D} too large for the float32 error bound")
+    gamma = h * u / (1.0 - h * u)
+    gamma64 = (D + 4) * u64 / (1.0 - (D + 4) * u64)
+    norms = np.sqrt(np.maximum(sq64, 0.0))
+    M = float(norms.max())
+    bound = (
+        2.0 * (gamma + 3.0 * u) * (1.0 + 4.0 * u) * norms * M
+        + 2.0 * u * (1.0 + u) * (1.0 + gamma64) * M * M
+        + 4.0 * gamma64 * (norms + M) ** 2
+    )
+    return bound * (1.0 + 1e-6)
+
+
+def _shifted(X: np.ndarray, shift: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``X[idx] - shift`` in float64: the same numbers as the float64 search's shifted rows."""
+    return np.subtract(X[idx], shift, dtype=np.float64)
+
+
+def _search_partial(
+    backend: _Backend,
+    X: np.ndarray,
+    shift: np.ndarray,
+    X32: np.ndarray,
+    sq64: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    n_cand: int,
+    ranks: int,
+    cuts: Sequence[np.ndarray],
+    block_rows: int,
+    symmetric: bool,
+    dist_sq: np.ndarray,
+    ind: np.ndarray,
+    workers: int,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> np.ndarray:
+    """Float32 candidates; exact float64 values and order for the first ``ranks`` neighbours;
+    the exact set of the first ``c`` neighbours at each cut ``c`` (one per row in each array of
+    ``cuts``); float32 values past ``ranks``. Returns the rows that the float32 candidates cannot
+    settle (a candidate list too short for a cut's margin): the caller searches them in full.
+
+    With ``E_i`` the error bound of row ``i`` (:func:`_float32_error_bound`) and ``a`` its
+    float32 squared distances sorted increasingly (``a_0`` the point itself):
+
+    * every point with float64 squared distance at most the ``r``-th one has ``a <= a_r + 2 E_i``
+      (``r`` points have ``a <= a_r``, so the ``r``-th distance is at most ``a_r + E_i``); those
+      candidates get float64 values, by one product per block of nearby rows over the union of
+      their candidates, and are ordered by (distance, index);
+    * at a cut ``c``, points with ``a < a_c - 2 E_i`` are closer than the ``c``-th float64
+      distance (at most ``c - 1`` points have ``a < a_c``, so that distance is at least
+      ``a_c - E_i``), points with ``a > a_c + 2 E_i`` farther; the few in between get float64
+      values and the closest by (distance, index) fill the set;
+    * a row whose smallest left-out float32 value is not above a margin's upper end is returned.
+    """
+    N, D = X.shape
+    has_duplicates = bool((groups != np.arange(N)).any())
+    t0 = time.perf_counter()
+    cand, ckey, nxt = backend.smallest(
+        X32, sq64.astype(np.float32), n_cand, block_rows, symmetric, workers,
+        chunk_k=_CHUNK_K, ordered=True,
+    )
+    timings["candidates_float32"] = time.perf_counter() - t0
+    timings.update(getattr(backend, "seconds", {}))
+    if not (cand[:, 0] == np.arange(N)).all():
+        raise RuntimeError("float32 candidates: a row does not start with its own point")
+
+    t0 = time.perf_counter()
+    bound = _float32_error_bound(sq64, D, _CHUNK_K)
+    left_out = sq64 + nxt.astype(np.float64)  # every left-out point has a >= this
+    live = [c for c in cuts if (c > ranks).any()]
+    band_r = np.empty(N, dtype=np.int64)  # candidates 1 .. band_r get exact values for the ranks
+    lo = np.zeros((len(live), N), dtype=np.int64)
+    hi = np.zeros((len(live), N), dtype=np.int64)
+    unsafe = np.zeros(N, dtype=bool)
+
+    def margins(rows: slice) -> None:
+        a = sq64[rows, None] + ckey[rows, 1:]
+        e2 = 2.0 * bound[rows]
+        top = a[:, ranks - 1] + e2
+        band_r[rows] = (a <= top[:, None]).sum(axis=1)
+        bad = left_out[rows] <= top
+        for c, cut in enumerate(live):
+            kc = np.maximum(cut[rows], ranks)
+            at = np.take_along_axis(a, (kc - 1)[:, None], axis=1)[:, 0]
+            lo[c, rows] = 1 + (a < (at - e2)[:, None]).sum(axis=1)
+            hi[c, rows] = (a <= (at + e2)[:, None]).sum(axis=1)
+            bad |= left_out[rows] <= at + e2
+        unsafe[rows] = bad
+
+    _run_parallel(margins, _row_chunks(N, workers), workers)
+    timings["margins"] = time.perf_counter() - t0
+
+    # exact first ranks, by blocks of nearby rows sharing one product over their candidates
+    t0 = time.perf_counter()
+    exact_pos = np.empty((N, ranks + 1), dtype=np.int64)  # candidate positions, exact order
+    exact_d2 = np.empty((N, ranks + 1), dtype=np.float64)
+    blocks = _rank_blocks(cand, ranks, 2 * _RERANK_ROWS)
+    pair_counts: list[int] = []
+
+    def exact_ranks(rows: np.ndarray) -> int:
+        width = int(band_r[rows].max()) + 1
+        cols = cand[rows, :width]
+        valid = np.arange(width)[None, :] <= band_r[rows, None]
+        union = np.unique(cols[valid])
+        slot = np.zeros(N, dtype=np.int64)  # columns outside the band read slot 0, then inf
+        slot[union] = np.arange(union.size)
+        right = _shifted(X, shift, union)  # holds the rows too (each row's band starts with it)
+        dots = product_nt(right[slot[rows]], right)
+        dots = np.take_along_axis(dots, slot[cols], axis=1)
+        exact = sq64[rows, None] + sq64[cols] - 2.0 * dots
+        np.maximum(exact, 0.0, out=exact)
+        if has_duplicates:
+            exact[groups[cols] == groups[rows, None]] = 0.0
+        exact[:, 0] = -1.0  # the point itself first
+        exact[~valid] = np.inf
+        pick = _order_rows(exact, cols, ranks + 1)
+        exact_pos[rows] = pick
+        sel = np.take_along_axis(exact, pick, axis=1)
+        sel[:, 0] = 0.0
+        exact_d2[rows] = sel
+        return int(rows.size * union.size)
+
+    pair_counts = _run_parallel(exact_ranks, blocks, workers)
+    timings["exact_ranks"] = time.perf_counter() - t0
+
+    # cut sets, then each row in its final order
+    t0 = time.perf_counter()
+    band_sizes: list[int] = []
+
+    def assemble(rows: slice) -> int:
+        n = rows.stop - rows.start
+        ids = np.arange(rows.start, rows.stop)
+        a = sq64[rows, None] + ckey[rows].astype(np.float64)
+        # the order key of each candidate: -1 itself, 0 the exact first ranks, c the smallest
+        # cut whose set holds it, k + 1 the others; a stable sort keeps the float32 order within
+        group = np.full(a.shape, k + 1, dtype=np.int16 if k < 32000 else np.int64)
+        group[:, 0] = -1
+        np.put_along_axis(group, exact_pos[rows, 1:], 0, axis=1)
+        n_band = 0
+        for c, cut in enumerate(live):
+            kc = cut[rows]
+            first, last = lo[c, rows], hi[c, rows]
+            use = (kc > ranks) & ~unsafe[rows]
+            # sure members: positions 1 .. first - 1
+            sure = np.arange(a.shape[1])[None, :] < np.where(use, first, 0)[:, None]
+            sure[:, 0] = False
+            group[sure] = np.minimum(group[sure], np.repeat(kc, sure.sum(axis=1)).astype(group.dtype))
+            width = int((last - first + 1)[use].max(initial=0))
+            if width == 0:
+                continue
+            pos = first[:, None] + np.arange(width)[None, :]
+            valid = (pos <= last[:, None]) & use[:, None]
+            pos = np.minimum(pos, a.shape[1] - 1)
+            r_loc, w_loc = np.nonzero(valid)
+            cols = cand[rows][r_loc, pos[r_loc, w_loc]]
+            d2 = np.full((n, width), np.inf)
+            vals = np.empty(r_loc.size)
+            # a few rows at a time: one product of their band points against the rows
+            bounds = np.searchsorted(r_loc, np.arange(0, n + _BAND_ROWS, _BAND_ROWS))
+            for b0, b1 in zip(bounds[:-1], bounds[1:]):
+                if b1 == b0:
+                    continue
+                r0 = int(r_loc[b0])
+                here = ids[r0 : int(r_loc[b1 - 1]) + 1]
+                left = _shifted(X, shift, here)[r_loc[b0:b1] - r0]
+                dots = np.einsum("ij,ij->i", left, _shifted(X, shift, cols[b0:b1]))
+                vals[b0:b1] = sq64[ids[r_loc[b0:b1]]] + sq64[cols[b0:b1]] - 2.0 * dots
+            np.maximum(vals, 0.0, out=vals)
+            if has_duplicates:
+                vals[groups[cols] == groups[ids[r_loc]]] = 0.0
+            d2[r_loc, w_loc] = vals
+            band_cols = np.take_along_axis(cand[rows], pos, axis=1)
+            order = np.lexsort((band_cols, d2), axis=1)
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(width)[None, :].repeat(n, axis=0), axis=1)
+            need = kc - (first - 1)
+            chosen = valid & (rank < need[:, None])
+            r_c, w_c = np.nonzero(chosen)
+            p_c = pos[r_c, w_c]
+            group[r_c, p_c] = np.minimum(group[r_c, p_c], kc[r_c].astype(group.dtype))
+            n_band += int(valid.sum())
+        order = np.argsort(group, axis=1, kind="stable")[:, : k + 1]
+        ind[rows] = np.take_along_axis(cand[rows], order, axis=1)
+        approx = np.take_along_axis(a, order, axis=1)
+        # the exact first ranks in their exact order; float32 values after them, never below
+        ind[rows, : ranks + 1] = np.take_along_axis(cand[rows], exact_pos[rows], axis=1)
+        approx[:, : ranks + 1] = exact_d2[rows]
+        np.maximum.accumulate(approx[:, ranks:], axis=1, out=approx[:, ranks:])
+        dist_sq[rows] = approx
+        return n_band
+
+    band_sizes = _run_parallel(assemble, _row_chunks(N, workers), workers)
+    timings["cut_sets"] = time.perf_counter() - t0
+    failed = np.flatnonzero(unsafe)
+    extra.update(
+        n_candidates=int(n_cand),
+        exact_ranks=int(ranks),
+        error_bound_median=float(np.median(bound)),
+        exact_rank_pairs_per_row=sum(pair_counts) / float(N),
+        cut_band_pairs_per_row=sum(band_sizes) / float(N),
+        n_fallback_rows=int(failed.size),
+    )
+    return failed
 
 
 def _exhaustive_rows(
