@@ -125,8 +125,13 @@ def projection(args: argparse.Namespace, attribution_passes: float) -> list[str]
     runs = args.proj_conditions * args.proj_tasks * args.proj_pairs
     for name, blocks, heads, params in models:
         components = blocks * (heads + 1)
+        # the cached path: the prefix and the source run, then one single-token query per
+        # component (heads, MLP, residual: heads + 2 per block). At these widths a batch holds
+        # one block (pair_batch 4 x heads + 2 rows > max_queries 256), so the query of block l
+        # runs blocks l..L-1 only, the ones below replayed: (L + 1) / 2 blocks of L on average
+        queries = (heads + 2) * blocks * ((blocks + 1) / 2) / blocks
         passes = {"full": components + 2.0,
-                  "last_token": 2.0 + (heads + 1) * blocks / args.proj_tokens,
+                  "last_token": 2.0 + queries / args.proj_tokens,
                   "attribution": attribution_passes}
         tokens_per_s = gpus * args.gpu_tflops * 1e12 * args.mfu / (2 * params)
         hours = {k: runs * v * args.proj_tokens / tokens_per_s / 3600 for k, v in passes.items()}

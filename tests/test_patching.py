@@ -116,6 +116,27 @@ def test_shapes_and_fast_equals_full(model: Any) -> None:
     assert model.config._attn_implementation != "replandscape_shared_prefix"
 
 
+def test_blocks_below_the_patched_one_are_not_recomputed(model: Any) -> None:
+    """One block per batch: block 0's MLP runs in the source forward, the prefix, the base query
+    and block 0's own batch only; the higher batches replay its clean output (same effects)."""
+    sites = resolve_sites(model)
+    calls = [0] * LAYERS
+    handles = [sites.block_sites[i].mlp.register_forward_hook(
+        lambda *_args, i=i: calls.__setitem__(i, calls[i] + 1)) for i in range(LAYERS)]
+    try:
+        pairs = _pairs(model, n=2)
+        calls[:] = [0] * LAYERS
+        one = activation_patching(model, pairs, pair_batch=2, max_queries=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # source, prefix, base query, then batch b computes blocks b..L-1
+    assert calls == [3 + (i + 1) for i in range(LAYERS)]
+    full = activation_patching(model, pairs, method="full")
+    for name in ("heads", "mlp", "resid"):
+        _assert_close(getattr(one, name), getattr(full, name))
+
+
 def test_own_activations_change_nothing(model: Any) -> None:
     pairs = [PromptPair(p.clean_ids, p.clean_ids, p.clean_answer, p.corrupted_answer)
              for p in _pairs(model, n=2, seed=1)]

@@ -34,9 +34,10 @@ Three ways to compute the effects:
   the patched one recompute the last token's clean values (one token, no patch: the base run's
   values up to rounding). Calling the root rather than running blocks by hand keeps each family's
   own positions (rotary, learned), masks (GPT-Neo's local attention, sliding windows) and cache
-  layer types, and keeps DeepSpeed ZeRO-3's root-module hooks in their order; the price is the
-  blocks below the patched one for one token per query, ``(heads + 1) x blocks / tokens`` of a
-  prompt forward in all. How the queries read the prefix (:class:`_PrefixCaches`):
+  layer types, and keeps DeepSpeed ZeRO-3's root-module hooks in their order. The blocks below
+  the lowest block a batch patches are not recomputed: their forward is replaced, for that call,
+  by one returning the base query's clean output of the block under it (recorded once per pair
+  group), so with one block per batch a query runs ``(L + 1) / 2`` blocks on average. How the queries read the prefix (:class:`_PrefixCaches`):
   *shared* (Llama, Mistral, Qwen2, GPT-NeoX with plain cache layers): the model's attention is
   switched, for the query calls only, to :func:`_shared_prefix_attention`, registered with
   transformers' ``AttentionInterface``, which reads each pair's prefix keys and values once per
@@ -615,9 +616,10 @@ class _PrefixCaches:
         return new
 
     @contextlib.contextmanager
-    def queries(self) -> Iterator[None]:
+    def queries(self, first: int = 0) -> Iterator[None]:
         """Around a query call: in shared mode, the model's attention switched to
-        :func:`_shared_prefix_attention` (restored after), and a check that every layer used it."""
+        :func:`_shared_prefix_attention` (restored after), and a check that every layer from
+        ``first`` on (the blocks below are replayed, :func:`_replayed_below`) used it."""
         if self.mode != "shared":
             yield
             return
@@ -636,10 +638,75 @@ class _PrefixCaches:
             used = set(_USED_PREFIX)
             _ACTIVE_PREFIX.clear()
             _USED_PREFIX.clear()
-        if used != set(range(len(self.cache.layers))):
+        if used != set(range(first, len(self.cache.layers))):
             raise RuntimeError(f"shared-prefix attention ran in layers {sorted(used)} only: this "
                                f"'{getattr(config, 'model_type', '?')}' model's attention does "
                                f"not call transformers' attention interface")
+
+
+class _BlockOutputs:
+    """The base query's output of every block (the last token, clean), recorded by forward
+    hooks, in the form the block returns it: a tensor, or a tuple led by it (the other items,
+    in the supported families, are attention weights, which the decoder reads only when asked
+    to output attentions, as patching never does; a replay gives None for them).
+    ``replayable`` is False when a block returns anything else."""
+
+    def __init__(self, sites: ModelSites) -> None:
+        self.sites = sites
+        self.values: list[torch.Tensor | None] = [None] * sites.n_blocks
+        self.tuple_len = 0  # 0: blocks return a tensor
+        self.replayable = True
+
+    def hooks(self) -> list[Any]:
+        def keeper(i: int) -> Any:
+            def fn(_module: Any, _args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor):
+                    self.values[i] = out.detach()
+                elif isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+                    self.values[i], self.tuple_len = out[0].detach(), len(out)
+                else:
+                    self.replayable = False
+
+            return fn
+
+        return [block.register_forward_hook(keeper(i))
+                for i, block in enumerate(self.sites.blocks)]
+
+
+@contextlib.contextmanager
+def _replayed_below(outputs: _BlockOutputs, first: int, reps: int) -> Iterator[None]:
+    """While open, the blocks below ``first`` do not compute: each returns the base query's
+    output of block ``first - 1`` tiled over ``reps`` row blocks, the clean stream entering
+    ``first`` (blocks below ``first - 1`` return it too: only the block above reads it).
+
+    A patch at block ``l`` changes nothing below ``l``, so the queries of a batch whose lowest
+    patched block is ``first`` would recompute the base query's values there; replaying them
+    skips that work. The block modules are still called (their forward replaced on the
+    instance), so hooks on them, DeepSpeed ZeRO-3's among them, run as before.
+    """
+    if first == 0:
+        yield
+        return
+    value = outputs.values[first - 1]
+    assert value is not None
+    tiled = value.repeat((reps,) + (1,) * (value.ndim - 1))
+    result: Any = tiled if not outputs.tuple_len else (tiled,) + (None,) * (outputs.tuple_len - 1)
+    blocks = outputs.sites.blocks[:first]
+    saved = [block.__dict__.get("forward") for block in blocks]
+
+    def replay(*_args: Any, **_kwargs: Any) -> Any:
+        return result
+
+    for block in blocks:
+        block.forward = replay
+    try:
+        yield
+    finally:
+        for block, old in zip(blocks, saved):
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
 
 
 def _last_token_group(model: Any, sites: ModelSites, base_ids: torch.Tensor,
@@ -664,13 +731,17 @@ def _last_token_group(model: Any, sites: ModelSites, base_ids: torch.Tensor,
             per_batch.append(list(rows))
     caches.prepare(max([1, *(len(rows) for rows in per_batch)]))
     last = base_ids[:, -1:]
-    with caches.queries():
+    outputs = _BlockOutputs(sites)
+    outputs.replayable = not getattr(model.config, "output_attentions", False)
+    with caches.queries(), _hooks(outputs.hooks()):
         step = _forward(model, last, start=width - 1, past=caches.get(1))
     base_ld = _logit_diff(step.logits[:, -1], good, bad)
     lds = _ld_tensors(sites, n_pairs, components, base_ids.device)
     for rows in per_batch:
-        with caches.queries(), _hooks(_patch_hooks(sites, rows, src, n_pairs,
-                                                   all_positions=False)):
+        # the blocks below the lowest one patched give the base query's values: replayed
+        first = min(layer for _, layer, _ in rows) if outputs.replayable else 0
+        with caches.queries(first), _replayed_below(outputs, first, len(rows)), \
+                _hooks(_patch_hooks(sites, rows, src, n_pairs, all_positions=False)):
             out = _forward(model, last.repeat(len(rows), 1), start=width - 1,
                            past=caches.get(len(rows)))
         _split(sites, rows, _logit_diff(out.logits[:, -1], good, bad), n_pairs, lds)
