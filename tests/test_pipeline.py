@@ -51,8 +51,14 @@ def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None
     for name in ("shots0.h5", "shots8.h5", "ft-final.h5"):
         assert (out / "implicit-expression" / "activations" / name).is_file()
     for name in ("icl_vs_ft_demo-llama.png", "icl_vs_ft.md", "profiles_demo-llama_expression.png",
-                 "rsa_alignment_demo-llama_reading.png", "rsa_attention_demo-llama_reading.png"):
+                 "rsa_alignment_demo-llama_reading.png", "rsa_attention_demo-llama_reading.png",
+                 "circuit_shift_demo-llama_expression.png", "knockout_demo-llama_expression.png",
+                 "patching_heads_demo-llama_expression.png"):
         assert (out / "figures" / name).is_file(), name
+    # ... and its circuits: patching of the base model and every checkpoint, knockout
+    circuits = json.loads((out / "implicit-expression" / "patching" / "circuits.json").read_text())
+    assert {"shots0", "shots8", "ft-final"} <= set(circuits["conditions"])
+    assert (out / "implicit-expression" / "knockout" / "shots8.json").is_file()
     # the similarity part: span states and attention masses, then RSA and probes
     assert (out / "rsa-reading" / "rsa" / "results.json").is_file()
     assert (out / "rsa-reading" / "attention" / "shots2.h5").is_file()

@@ -3,11 +3,11 @@
 Offline, on CPU: the bundled MMLU-shaped data, a tiny Llama built on first use, prompts at
 0/1/2/5 shots, extraction, a short LoRA fine-tune and the extraction of its checkpoints, the
 analysis on 2 MPI ranks; then the same for an implicit-pattern task (expression, answered by
-generation at 0-8 shots, configs/demo-implicit.yaml) into DIR/implicit-expression, and for the
-reading task with span states, attention masses and the RSA and probes (configs/demo-rsa.yaml)
-into DIR/rsa-reading; then the figures of all parts in DIR/figures. KEY=VALUE overrides apply to the MMLU part (``cluster`` and
-``analysis.*`` ones to all); ``--no-implicit``
-skips the task parts. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
+generation at 0-8 shots, with activation patching and attention knockout of its conditions,
+configs/demo-implicit.yaml) into DIR/implicit-expression, and for the reading task with span
+states, attention masses and the RSA and probes (configs/demo-rsa.yaml) into DIR/rsa-reading;
+then the figures of all parts in DIR/figures. KEY=VALUE overrides apply to the MMLU part
+(``cluster`` and ``analysis.*`` ones to all); ``--no-implicit`` skips the task parts. With ``cluster=local-slurm`` every stage runs as a real Slurm job instead
 (start the cluster with ``slurm/cluster.sh start``). Re-running resumes: finished outputs are
 kept and skipped.
 """
@@ -40,14 +40,18 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"run.output_dir={args.out}", *args.overrides]
     cfg = load_config(config_file, overrides)
     parts = [(config_file, overrides, cfg)]
+    # the stages a part runs beyond its pipeline: the studies each task part demonstrates
+    extra: dict[str, tuple[str, ...]] = {}
     if not args.no_implicit:
         # the cluster and the analysis parameters are shared, so all parts are drawn together
         shared = [o for o in args.overrides if o.startswith(("cluster", "analysis."))]
-        for name, folder in (("demo-implicit.yaml", "implicit-expression"),
-                             ("demo-rsa.yaml", "rsa-reading")):
+        for name, folder, stages in (("demo-implicit.yaml", "implicit-expression",
+                                      ("patch", "knockout")),
+                                     ("demo-rsa.yaml", "rsa-reading", ("rsa",))):
             part_file = str(config_root() / name)
             part_overrides = [f"run.output_dir={cfg.output_dir / folder}", *shared]
             parts.append((part_file, part_overrides, load_config(part_file, part_overrides)))
+            extra[part_file] = stages
     if cfg.cluster.executor == "slurm":
         from replandscape.launch import submit_experiment
 
@@ -60,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     for file, part_overrides, part in parts:
         save_resolved(part, part.output_dir)
         label = "" if part is cfg else f"{part.task.name} "
-        # the similarity part also runs its rsa stage (span states and attention masses)
-        extra = ["rsa"] if part.extract.attention_spans else []
-        for stage in [*stages_of(part), *extra]:
+        for stage in [*stages_of(part), *extra.get(file, ())]:
             if stage == "figures":
                 continue  # drawn once below, from every part's results
             t = time.perf_counter()
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             timings[label + stage] = time.perf_counter() - t
     t = time.perf_counter()
     print("== figures", file=sys.stderr, flush=True)
-    draw_figures(cfg, [p.output_dir / "analysis" / "results.json" for _, _, p in parts])
+    draw_figures(cfg, [p.output_dir for _, _, p in parts])
     timings["figures"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     print("\n".join(f"  {k:22s} {v:7.1f} s" for k, v in timings.items()), file=sys.stderr)
@@ -82,15 +84,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def draw_figures(cfg: ExperimentConfig, results_files: list[Path]) -> None:
+def draw_figures(cfg: ExperimentConfig, part_dirs: list[Path]) -> None:
+    """Every part's figures into the first part's ``figures/``: the geometry of all parts
+    together, then each part's circuit (patching, knockout) and similarity figures."""
     from replandscape.figures import render_all
+    from replandscape.figures.circuits import render_circuits
     from replandscape.figures.rsa import render_rsa
     from replandscape.results import read_results
 
-    files = render_all([read_results(p) for p in results_files], cfg.output_dir / "figures",
+    out = cfg.output_dir / "figures"
+    files = render_all([read_results(d / "analysis" / "results.json") for d in part_dirs], out,
                        what=cfg.figures.what, formats=cfg.figures.formats)
-    for path in results_files:
-        rsa_results = path.parent.parent / "rsa" / "results.json"
+    for part_dir in part_dirs:
+        files += render_circuits(part_dir, out, cfg.figures.formats)
+        rsa_results = part_dir / "rsa" / "results.json"
         if rsa_results.is_file():
-            files += render_rsa(rsa_results, cfg.output_dir / "figures", cfg.figures.formats)
-    print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)
+            files += render_rsa(rsa_results, out, cfg.figures.formats)
+    print(f"[figures] {len(files)} files -> {out}", file=sys.stderr)

@@ -103,30 +103,37 @@ def plot_depth_effects(circuits: dict[str, Any]) -> Any:
 
 
 def plot_shifts(circuits: dict[str, Any]) -> Any:
-    """Circuit shift (1 - rank correlation) and top-k overlap for every pair of conditions."""
+    """Circuit shift (1 - rank correlation) and top-k overlap for every pair of conditions: one
+    row of bars per pair (conditions in their drawing order), so many pairs stay legible."""
     shifts = circuits.get("shifts") or []
     if not shifts:
         return None
     kinds = sorted({s["kind"] for s in shifts})
-    pairs = sorted({(s["condition_a"], s["condition_b"]) for s in shifts})
-    x = np.arange(len(pairs))
-    width = 0.8 / len(kinds)
+    order = {name: i for i, (name, _) in enumerate(_ordered(circuits.get("conditions") or {}))}
+    pairs = sorted({(s["condition_a"], s["condition_b"]) for s in shifts},
+                   key=lambda p: (order.get(p[0], len(order)), order.get(p[1], len(order)), p))
+    y = np.arange(len(pairs))
+    height = 0.8 / len(kinds)
     with context():
-        fig = new_figure(max(5.0, 1.1 * len(pairs) + 2.5), 3.6)
-        axes = fig.subplots(1, 2)
+        fig = new_figure(8.0, max(2.4, 0.32 * len(pairs) * max(1, len(kinds) / 2) + 1.2))
+        axes = fig.subplots(1, 2, sharey=True)
         for j, kind in enumerate(kinds):
             by_pair = {(s["condition_a"], s["condition_b"]): s for s in shifts
                        if s["kind"] == kind}
             for ax, key in ((axes[0], "shift"), (axes[1], "overlap")):
-                vals = [by_pair[p].get(key) for p in pairs]
-                ax.bar(x + (j - (len(kinds) - 1) / 2) * width,
-                       [np.nan if v is None else v for v in vals], width, label=kind)
+                vals = [by_pair[p].get(key) if p in by_pair else None for p in pairs]
+                ax.barh(y + (j - (len(kinds) - 1) / 2) * height,
+                        [np.nan if v is None else v for v in vals], height, label=kind)
+        axes[0].set_yticks(y, [f"{a} vs {b}" for a, b in pairs], fontsize=7)
+        axes[0].invert_yaxis()  # the first pair on top
         for ax, title in ((axes[0], "shift (1 - rank correlation)"),
                           (axes[1], f"top-{circuits.get('top_k')} overlap")):
-            ax.set_xticks(x, [f"{a}\nvs {b}" for a, b in pairs], fontsize=7)
             ax.set_title(title, fontsize=9)
-        axes[0].legend(frameon=False, fontsize=8)
-        suptitle(fig, f"{circuits['model']}, {circuits['task']}: circuit shift", 6.0)
+        axes[1].set_xlim(0, 1)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(kinds), frameon=False,
+                   fontsize=8)
+        suptitle(fig, f"{circuits['model']}, {circuits['task']}: circuit shift", 8.0)
     return fig
 
 
