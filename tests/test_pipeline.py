@@ -59,6 +59,12 @@ def test_demo_command_runs_every_stage_with_mpi_analysis(tmp_path: Path) -> None
     circuits = json.loads((out / "implicit-expression" / "patching" / "circuits.json").read_text())
     assert {"shots0", "shots8", "ft-final"} <= set(circuits["conditions"])
     assert (out / "implicit-expression" / "knockout" / "shots8.json").is_file()
+    # the report has a section for each study, with its figures
+    report = (out / "figures" / "report.md").read_text()
+    circuits_at = report.index("## Circuits: patching, circuit shift and knockout")
+    assert "circuit_shift_demo-llama_expression.png" in report[circuits_at:]
+    assert "rsa_alignment_demo-llama_reading.png" in report[
+        report.index("## Similarity to task hypotheses"):]
     # the similarity part: span states and attention masses, then RSA and probes
     assert (out / "rsa-reading" / "rsa" / "results.json").is_file()
     assert (out / "rsa-reading" / "attention" / "shots2.h5").is_file()

@@ -88,21 +88,38 @@ def _run_stage(name: str, cfg: ExperimentConfig, **kwargs: Any) -> Any:
 
 def render_figures(cfg: ExperimentConfig) -> list[Path]:
     from replandscape.figures import render_all
-    from replandscape.figures.circuits import render_circuits
     from replandscape.results import read_results
 
     results = read_results(cfg.output_dir / "analysis" / "results.json")
-    files = render_all([results], cfg.output_dir / "figures", what=cfg.figures.what,
-                       formats=cfg.figures.formats)
-    # the circuit and similarity studies' figures, where their stages have run
-    files += render_circuits(cfg.output_dir, cfg.output_dir / "figures", cfg.figures.formats)
-    rsa_results = cfg.output_dir / "rsa" / "results.json"
-    if rsa_results.is_file():
-        from replandscape.figures.rsa import render_rsa
-
-        files += render_rsa(rsa_results, cfg.output_dir / "figures", cfg.figures.formats)
+    files = study_figures([cfg.output_dir], cfg.output_dir / "figures", cfg.figures.formats)
+    files += render_all([results], cfg.output_dir / "figures", what=cfg.figures.what,
+                        formats=cfg.figures.formats, studies=study_sections(files))
     print(f"[figures] {len(files)} files -> {cfg.output_dir / 'figures'}", file=sys.stderr)
     return files
+
+
+def study_figures(run_dirs: Sequence[Path], out: Path, formats: Sequence[str]) -> list[Path]:
+    """The circuit (patching, knockout) and similarity (RSA, probes) figures of the runs in
+    ``run_dirs``, where those stages have run, into ``out``."""
+    from replandscape.figures.circuits import render_circuits
+    from replandscape.figures.rsa import render_rsa
+
+    files: list[Path] = []
+    for run_dir in run_dirs:
+        files += render_circuits(run_dir, out, formats)
+        rsa_results = run_dir / "rsa" / "results.json"
+        if rsa_results.is_file():
+            files += render_rsa(rsa_results, out, formats)
+    return files
+
+
+def study_sections(files: Sequence[Path]) -> list[tuple[str, list[Path]]]:
+    """The report's sections of :func:`study_figures`' files, by the figures' name prefixes."""
+    sections = (("Circuits: patching, circuit shift and knockout",
+                 ("patching_", "circuit_shift_", "knockout_")),
+                ("Similarity to task hypotheses, probes and attention ratios", ("rsa_",)))
+    return [(title, [f for f in files if f.name.startswith(prefixes)])
+            for title, prefixes in sections]
 
 
 def mpi_command(ranks: int) -> list[str]:

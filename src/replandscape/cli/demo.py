@@ -85,19 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def draw_figures(cfg: ExperimentConfig, part_dirs: list[Path]) -> None:
-    """Every part's figures into the first part's ``figures/``: the geometry of all parts
-    together, then each part's circuit (patching, knockout) and similarity figures."""
+    """Every part's figures into the first part's ``figures/``: each part's circuit (patching,
+    knockout) and similarity figures, then the geometry of all parts together and the report
+    over all of them."""
     from replandscape.figures import render_all
-    from replandscape.figures.circuits import render_circuits
-    from replandscape.figures.rsa import render_rsa
+    from replandscape.pipeline import study_figures, study_sections
     from replandscape.results import read_results
 
     out = cfg.output_dir / "figures"
-    files = render_all([read_results(d / "analysis" / "results.json") for d in part_dirs], out,
-                       what=cfg.figures.what, formats=cfg.figures.formats)
-    for part_dir in part_dirs:
-        files += render_circuits(part_dir, out, cfg.figures.formats)
-        rsa_results = part_dir / "rsa" / "results.json"
-        if rsa_results.is_file():
-            files += render_rsa(rsa_results, out, cfg.figures.formats)
+    files = study_figures(part_dirs, out, cfg.figures.formats)
+    files += render_all([read_results(d / "analysis" / "results.json") for d in part_dirs], out,
+                        what=cfg.figures.what, formats=cfg.figures.formats,
+                        studies=study_sections(files))
     print(f"[figures] {len(files)} files -> {out}", file=sys.stderr)

@@ -4,7 +4,9 @@
         [--what profiles,ari,dendrogram,accuracy,report] [--formats png,pdf]
 
 ``accuracy`` also draws, for generated tasks, the in-context vs fine-tuned figure of each model and
-its table. A file that cannot be read (missing, not JSON, an older schema) is reported on one line
+its table. For a results file in a run's folder (``RUN/analysis/results.json``), the figures of the
+run's patching, knockout and rsa stages are drawn too, where those ran, and given their sections
+in the report. A file that cannot be read (missing, not JSON, an older schema) is reported on one line
 and the others are still drawn; the exit status is then 1.
 """
 
@@ -47,6 +49,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from replandscape.figures import render_all
+    from replandscape.pipeline import study_figures, study_sections
     from replandscape.results import read_results
 
     loaded = []
@@ -61,10 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if not loaded:
         return 1
 
+    # a run's own folder (results in RUN/analysis/) may hold the further studies' results too
+    run_dirs = [p.parent.parent for p in args.results if p.parent.name == "analysis"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        written = render_all(loaded, args.out, what=args.what.split(","),
-                             formats=args.formats.split(","))
+        studies = study_figures(run_dirs, args.out, args.formats.split(","))
+        written = [*studies, *render_all(loaded, args.out, what=args.what.split(","),
+                                         formats=args.formats.split(","),
+                                         studies=study_sections(studies))]
     for w in caught:
         if issubclass(w.category, UserWarning) and w.category.__module__.startswith("replandscape"):
             print(f"replandscape: warning: {w.message}", file=sys.stderr)

@@ -100,7 +100,8 @@ def _draw_group(results: Results, out_dir: Path, suffix: str, what: Sequence[str
 
 def render_all(results: list[Results], out_dir: str | os.PathLike[str], *,
                what: Sequence[str] = WHAT,
-               formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+               formats: Sequence[str] = DEFAULT_FORMATS,
+               studies: Sequence[tuple[str, Sequence[Path]]] = ()) -> list[Path]:
     """Draw the figures, tables and report of ``results`` into ``out_dir``.
 
     Args:
@@ -112,6 +113,8 @@ def render_all(results: list[Results], out_dir: str | os.PathLike[str], *,
             ``dendrogram`` (per run), ``accuracy`` (tables per task; for generated tasks also the
             in-context vs fine-tuned figure per model and its table), ``report``.
         formats: image formats, any of ``png``, ``pdf``, ``svg``. The report embeds PNG (or SVG).
+        studies: (section title, figure files) drawn already by the further studies' renderers
+            (circuits, similarity), each a section of the report after the geometry.
 
     Returns:
         The paths written, in the order they were written.
@@ -148,7 +151,7 @@ def render_all(results: list[Results], out_dir: str | os.PathLike[str], *,
     written = [p for g in drawn
                for p in (*g.profiles, *g.ari, *g.dendrograms, *g.icl, *g.tables)]
     if "report" in what:
-        blocks = build_report(drawn, out)
+        blocks = build_report(drawn, out, studies)
         for name, text in (("report.md", to_markdown(blocks)), ("report.html", to_html(blocks))):
             path = out / name
             path.write_text(text)

@@ -167,8 +167,10 @@ def _icl_vs_ft(g: GroupFigures, out_dir: Path) -> list[Block]:
     return blocks
 
 
-def build_report(groups: Sequence[GroupFigures], out_dir: Path) -> list[Block]:
-    """The blocks of the report, one section per group of analysis parameters."""
+def build_report(groups: Sequence[GroupFigures], out_dir: Path,
+                 studies: Sequence[tuple[str, Sequence[Path]]] = ()) -> list[Block]:
+    """The blocks of the report, one section per group of analysis parameters, then one per
+    further study whose figures were drawn (``studies``: section title, figure files)."""
     blocks: list[Block] = [Heading(1, "replandscape: representation landscape report")]
     sources = sorted({str(g.results.path) for g in groups if g.results.path})
     blocks.append(Para(f"Drawn by replandscape {__version__} from: "
@@ -208,6 +210,10 @@ def build_report(groups: Sequence[GroupFigures], out_dir: Path) -> list[Block]:
                    Para(f"Analysis parameters (hash `{g.results.params_hash}`):"),
                    Code(json.dumps(g.results.analysis_params, indent=1, sort_keys=True,
                                    default=str))]
+    for title, paths in studies:
+        images = _images(paths, out_dir)
+        if images:
+            blocks += [Heading(2, title), *images]
     return blocks
 
 
