@@ -123,6 +123,35 @@ def test_every_blas_candidate_writes_products_into_strided_blocks(dtype: type) -
     assert blas.chosen_library(dtype) in {"numpy matmul", *(label for label, _ in candidates)}
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_products_summed_over_chunks_add_in_the_blas_as_in_two_steps(dtype: type) -> None:
+    """The float32 error bound counts one rounding per chunk when the BLAS adds each chunk's
+    product into the sum (beta = 1): the result must be the two-step sum's, bit for bit."""
+    from threadpoolctl import threadpool_limits
+
+    from replandscape.metrics import blas
+    from replandscape.metrics.neighbors import _product_summed
+
+    found = blas.accumulator(dtype)
+    assert found is not None  # the environment's OpenBLAS qualifies
+    accumulate = found[1]
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((400, 1000)).astype(dtype)  # 1000 columns: a short last chunk
+    a, b = X[:150], X[100:330]
+    with threadpool_limits(limits=1, user_api="blas"):
+        two_step = np.zeros((150, 230), dtype=dtype)
+        part = np.empty_like(two_step)
+        for m in range(0, 1000, 256):
+            accumulate(a[:, m : m + 256], b[:, m : m + 256], part)
+            two_step += part
+        fused = np.zeros((400, 400), dtype=dtype)
+        _product_summed(a, b, fused[:150, 100:330], 256, None, accumulate)
+    assert np.array_equal(fused[:150, 100:330], two_step)
+    assert np.count_nonzero(fused) == 150 * 230  # nothing written outside the block
+    tol = 1e-12 if dtype == np.float64 else 1e-3
+    np.testing.assert_allclose(two_step, a @ b.T, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("strategy", ["float32", "float64", "auto"])
 @pytest.mark.parametrize(("n", "dim", "k"), [(1200, 64, 100), (400, 300, 150), (150, 8, 149)])
 def test_exact_knn_equals_sklearn_float64_brute_force(

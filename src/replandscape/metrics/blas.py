@@ -13,6 +13,11 @@ candidate is called through ctypes, which releases the GIL for the call, so work
 products side by side, and writes straight into a strided block of a larger array. Each is
 checked against ``matmul`` and timed once per process and dtype, single-threaded as the engine
 calls it; the fastest is kept.
+
+:func:`accumulator` gives ``out += a @ b.T`` in one call (``beta = 1``), with no pass of its own
+over ``out``, from a library checked to round it as the product alone and then one addition
+into ``out`` would (which OpenBLAS's kernels do: a panel of the sum in registers, then one
+fused multiply-add into ``out``).
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ class _Cblas:
                        ctypes.c_void_p, int_type]
         self._fn = fn
 
-    def __call__(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, beta: float = 0.0
+    ) -> np.ndarray:
+        """``out = a @ b.T + beta * out`` (``beta`` 0 or 1; ``out`` required with 1)."""
         m, k = a.shape
         n = b.shape[0]
         if out is None:
@@ -66,15 +74,19 @@ class _Cblas:
         usable = (a.dtype == b.dtype == out.dtype == self.dtype and b.shape[1] == k
                   and out.shape == (m, n) and all(map(_rows_contiguous, (a, b, out))))
         if not usable:
+            if beta:
+                out += _numpy_product(a, b)
+                return out
             return _numpy_product(a, b, out)
         if m == 0 or n == 0:
             return out
         if k == 0:
-            out[...] = 0
+            if not beta:
+                out[...] = 0
             return out
         size = self.dtype.itemsize
         self._fn(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, a.ctypes.data,
-                 max(1, a.strides[0] // size), b.ctypes.data, max(1, b.strides[0] // size), 0.0,
+                 max(1, a.strides[0] // size), b.ctypes.data, max(1, b.strides[0] // size), beta,
                  out.ctypes.data, max(1, out.strides[0] // size))
         return out
 
@@ -152,11 +164,65 @@ def chosen_library(dtype: type = np.float64) -> str:
 
 
 def _chosen(dtype: type) -> tuple[str, Product]:
-    key = np.dtype(dtype).str
-    chosen = _CHOSEN.get(key)
+    chosen = _CHOSEN.get(np.dtype(dtype).str)
     if chosen is None:
         with _LOCK:
-            if key not in _CHOSEN:
-                _CHOSEN[key] = _choose(np.dtype(dtype).type)
-            chosen = _CHOSEN[key]
+            chosen = _chosen_unlocked(dtype)
     return chosen
+
+
+def _chosen_unlocked(dtype: type) -> tuple[str, Product]:
+    key = np.dtype(dtype).str
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _choose(np.dtype(dtype).type)
+    return _CHOSEN[key]
+
+
+_ACCUMULATORS: dict[str, tuple[str, _Cblas] | None] = {}
+
+
+def _adds_once(product: _Cblas, dtype: type) -> bool:
+    """Whether ``product(a, b, out, beta=1)`` gives bit for bit ``out + (a @ b.T)`` as computed by
+    ``product`` alone and then added (single-threaded; edge-sized blocks; chunks of 256)."""
+    rng = np.random.default_rng(1)
+    for m, n in ((300, 260), (1024, 97)):
+        a: np.ndarray = rng.standard_normal((m, 768)).astype(dtype)
+        b: np.ndarray = rng.standard_normal((n, 768)).astype(dtype)
+        start: np.ndarray = rng.standard_normal((m, n)).astype(dtype)
+        two_step, fused = start.copy(), start.copy()
+        part: np.ndarray = np.empty((m, n), dtype=dtype)
+        for c in range(0, 768, 256):
+            product(a[:, c : c + 256], b[:, c : c + 256], part)
+            two_step += part
+            product(a[:, c : c + 256], b[:, c : c + 256], fused, beta=1.0)
+        if not np.array_equal(two_step, fused):
+            return False
+    return True
+
+
+def accumulator(dtype: type) -> tuple[str, Callable[..., np.ndarray]] | None:
+    """``(label, f)`` with ``f(a, b, out, beta=1.0)`` adding ``a @ b.T`` into ``out`` (``beta=0.0``:
+    writing it), rows contiguous, in a single call whose rounding is that of the product computed
+    alone and then added into ``out`` once (checked, :func:`_adds_once`): so a sum over chunks of
+    columns accumulated this way rounds as the two-step sum does, without a pass over ``out`` per
+    chunk. The chosen product's library when it qualifies, else any loaded OpenBLAS that does;
+    None when none does (then add the products in a second step)."""
+    key = np.dtype(dtype).str
+    with _LOCK:
+        if key not in _ACCUMULATORS:
+            chosen = _chosen_unlocked(np.dtype(dtype).type)
+            candidates: list[tuple[str, Product]] = [chosen] if isinstance(chosen[1], _Cblas) else []
+            candidates += [c for c in _openblas_candidates(dtype) if c[0] != chosen[0]]
+            found: tuple[str, _Cblas] | None = None
+            with threadpool_limits(limits=1, user_api="blas"):
+                for label, product in candidates:
+                    if not isinstance(product, _Cblas):
+                        continue
+                    try:
+                        if _adds_once(product, np.dtype(dtype).type):
+                            found = (label, product)
+                            break
+                    except (OSError, ValueError, TypeError):
+                        continue
+            _ACCUMULATORS[key] = found
+        return _ACCUMULATORS[key]

@@ -59,7 +59,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from replandscape.metrics.blas import chosen_library, product_nt
+from replandscape.metrics.blas import accumulator, chosen_library, product_nt
 
 Device = Literal["cpu", "torch", "cuda", "auto"]
 Strategy = Literal["auto", "float32", "float64"]
@@ -75,6 +75,7 @@ _HASH_COLUMNS = 256
 # float32 products are summed over chunks of this many columns (a tighter error bound)
 _CHUNK_K = 256
 _BAND_ROWS = 32  # rows whose cut-band points are multiplied together
+_BAND_COLUMNS = 512  # columns of those products at a time
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
 # per GB in some virtual machines (and a few tenths on bare metal), and an analysis calls the
@@ -311,9 +312,10 @@ def _select_sorted(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarra
     sample = keys[:, ::stride]
     expected = target / stride  # rank of the wanted boundary within the sample
     rank = min(sample.shape[1] - 1, int(math.ceil(1.1 * expected + 2.0 * math.sqrt(expected))) + 1)
-    threshold = np.partition(sample, rank, axis=1)[:, rank]
+    # a sort of the sample costs half of a partition (numpy sorts floats with SIMD kernels)
+    threshold = np.sort(sample, axis=1)[:, rank]
     mask = keys <= threshold[:, None]
-    counts = mask.sum(axis=1)
+    counts = np.count_nonzero(mask, axis=1)
     bad = np.flatnonzero(counts < target)
     if bad.size:
         mask[bad] = False
@@ -321,14 +323,19 @@ def _select_sorted(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarra
     good = np.flatnonzero(counts)
     if good.size:
         flat = np.flatnonzero(mask)
-        r_idx = np.repeat(np.arange(n_rows), counts)
-        slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
         width = int(counts.max())
-        padded = np.full((n_rows, width), np.inf, dtype=keys.dtype)
-        padded_cols = np.zeros((n_rows, width), dtype=np.int64)
-        padded[r_idx, slot] = keys.ravel()[flat]
-        padded_cols[r_idx, slot] = flat - r_idx * N
-        padded, padded_cols = padded[good], padded_cols[good]
+        # each kept entry's place in the padded block, row * width + its rank in the row: one
+        # flat index, several times faster than a scatter by (row, slot) pairs
+        row_start = np.arange(n_rows, dtype=np.int64)
+        place = np.arange(flat.size, dtype=np.int64)
+        place += np.repeat(row_start * width - (np.cumsum(counts) - counts), counts)
+        padded = np.full(n_rows * width, np.inf, dtype=keys.dtype)
+        padded_cols = np.zeros(n_rows * width, dtype=np.int64)
+        padded[place] = keys.ravel()[flat]
+        flat -= np.repeat(row_start * N, counts)  # now the column of each kept entry
+        padded_cols[place] = flat
+        padded = padded.reshape(n_rows, width)[good]
+        padded_cols = padded_cols.reshape(n_rows, width)[good]
         order = np.argsort(padded, axis=1)[:, :target]
         cand[good] = np.take_along_axis(padded_cols, order[:, :n_keep], axis=1)
         cvals[good] = np.take_along_axis(padded, order[:, :n_keep], axis=1)
@@ -370,16 +377,29 @@ def _rank_blocks(cand: np.ndarray, reach: int, size: int) -> list[np.ndarray]:
 
 
 def _product_summed(
-    a: np.ndarray, b: np.ndarray, out: np.ndarray, chunk: int | None, scratch: np.ndarray | None
+    a: np.ndarray,
+    b: np.ndarray,
+    out: np.ndarray,
+    chunk: int | None,
+    scratch: np.ndarray | None,
+    accumulate: Callable[..., np.ndarray] | None = None,
 ) -> None:
     """``out[...] = a @ b.T`` with the sum over columns cut into products of ``chunk`` columns,
     added in order in ``out``'s precision: each term of a dot product then meets at most
-    ``chunk + ceil(D / chunk) - 1`` roundings, whatever order the BLAS sums in (see
-    :func:`_float32_error_bound`). ``scratch``: at least ``out``'s shape, rows contiguous."""
+    ``chunk + ceil(D / chunk) - 1`` roundings, whatever order the BLAS sums each chunk in (see
+    :func:`_float32_error_bound`). With ``accumulate`` (:func:`blas.accumulator`) each chunk's
+    product is added into ``out`` by the BLAS call itself (``beta = 1``, checked to round as the
+    product alone then one addition: the same values, without a pass over ``out`` per chunk);
+    otherwise it goes to ``scratch`` (at least ``out``'s shape, rows contiguous) and is added."""
     D = a.shape[1]
-    if chunk is None or chunk >= D or scratch is None:
+    if chunk is None or chunk >= D or (scratch is None and accumulate is None):
         product_nt(a, b, out)
         return
+    if accumulate is not None:
+        for m in range(0, D, chunk):
+            accumulate(a[:, m : m + chunk], b[:, m : m + chunk], out, beta=1.0 if m else 0.0)
+        return
+    assert scratch is not None
     product_nt(a[:, :chunk], b[:, :chunk], out)
     part = scratch[: out.shape[0], : out.shape[1]]
     for m in range(chunk, D, chunk):
@@ -565,6 +585,8 @@ class _NumpyBackend:
         # selection runs on chunks of rows small enough to stay in cache (256 rows: 0.9 s against
         # 1.1-1.25 s with 1024 at N = 14 000), enough of them to keep every worker busy
         chunk = max(16, min(256, -(-N // (4 * workers))))
+        found = accumulator(dtype) if chunk_k is not None else None
+        accumulate = found[1] if found is not None else None
 
         def select(keys: np.ndarray, i0: int) -> None:
             """``keys`` holds ``x_i.x_j`` for rows ``i0 ...``; turned into keys in place."""
@@ -582,7 +604,7 @@ class _NumpyBackend:
             full = _workspace("matrix", (N, N), dtype)
             tiles = (
                 _BufferPool("tile", (block_rows, block_rows), dtype, workers)
-                if chunk_k is not None
+                if chunk_k is not None and accumulate is None
                 else None
             )
 
@@ -593,7 +615,7 @@ class _NumpyBackend:
                     for j0 in starts[a:]:
                         j1 = min(j0 + block_rows, N)
                         out = full[i0:i1, j0:j1]
-                        _product_summed(X[i0:i1], X[j0:j1], out, chunk_k, scratch)
+                        _product_summed(X[i0:i1], X[j0:j1], out, chunk_k, scratch, accumulate)
                         if j0 != i0:
                             _copy_transposed(out, full[j0:j1, i0:i1])
 
@@ -609,7 +631,7 @@ class _NumpyBackend:
             buffers = _BufferPool("keys", (block_rows, N), dtype, workers)
             parts = (
                 _BufferPool("part", (block_rows, block_rows), dtype, workers)
-                if chunk_k is not None
+                if chunk_k is not None and accumulate is None
                 else None
             )
 
@@ -617,13 +639,15 @@ class _NumpyBackend:
                 i1 = min(i0 + block_rows, N)
                 with buffers.take() as buf, contextlib.ExitStack() as stack:
                     keys = buf[: i1 - i0]
-                    if parts is None:
+                    if chunk_k is None:
                         product_nt(X[i0:i1], X, keys)
                     else:
-                        scratch = stack.enter_context(parts.take())
+                        scratch = stack.enter_context(parts.take()) if parts is not None else None
                         for j0 in starts:
                             j1 = min(j0 + block_rows, N)
-                            _product_summed(X[i0:i1], X[j0:j1], keys[:, j0:j1], chunk_k, scratch)
+                            _product_summed(
+                                X[i0:i1], X[j0:j1], keys[:, j0:j1], chunk_k, scratch, accumulate
+                            )
                     select(keys, i0)
 
             _run_parallel(block, starts, workers)
@@ -1254,8 +1278,10 @@ def _float32_error_bound(sq64: np.ndarray, D: int, chunk: int | None) -> np.ndar
     the one an exact float64 search computes; ``x`` are the shifted points.
 
     Worst-case (not statistical) rounding analysis. Each dot product of the float32 points is a
-    sum of ``D`` products that, summed over chunks of ``chunk`` columns (:func:`_product_summed`),
-    meets at most ``h = chunk + ceil(D / chunk) - 1`` roundings, in whatever order the BLAS sums,
+    sum of ``D`` products that, summed over chunks of ``chunk`` columns (:func:`_product_summed`:
+    each chunk summed in whatever order the BLAS takes, then added once to the running sum, by
+    a second step or by the BLAS call itself where :func:`blas.accumulator` checked that it
+    rounds so), meets at most ``h = chunk + ceil(D / chunk) - 1`` roundings,
     hence an error below ``gamma_h sum_k |x_ik x_jk| <= gamma_h |x_i| |x_j|`` (Cauchy-Schwarz),
     ``gamma_h = h u / (1 - h u)``, ``u = 2^-24``. Rounding the points to float32 adds
     ``(2u + u^2) |x_i| |x_j|``, rounding ``|x_j|^2 / 2`` and the key's subtraction ``u |x_j|^2``
@@ -1403,7 +1429,7 @@ def _search_partial(
         a = sq64[rows, None] + ckey[rows].astype(np.float64)
         # the order key of each candidate: -1 itself, 0 the exact first ranks, c the smallest
         # cut whose set holds it, k + 1 the others; a stable sort keeps the float32 order within
-        group = np.full(a.shape, k + 1, dtype=np.int16 if k < 32000 else np.int64)
+        group: np.ndarray = np.full(a.shape, k + 1, dtype=np.int16 if k < 32000 else np.int64)
         group[:, 0] = -1
         np.put_along_axis(group, exact_pos[rows, 1:], 0, axis=1)
         n_band = 0
@@ -1424,17 +1450,30 @@ def _search_partial(
             r_loc, w_loc = np.nonzero(valid)
             cols = cand[rows][r_loc, pos[r_loc, w_loc]]
             d2 = np.full((n, width), np.inf)
-            vals = np.empty(r_loc.size)
-            # a few rows at a time: one product of their band points against the rows
+            dots = np.zeros(r_loc.size)
+            # a few rows at a time, a few hundred columns at a time (so that everything stays
+            # in cache: gathering whole float64 rows cost more than the products): their band
+            # points gathered and shifted (float64, as the exact search holds them), the rows
+            # themselves shifted once (they are contiguous), then the products pair by pair
             bounds = np.searchsorted(r_loc, np.arange(0, n + _BAND_ROWS, _BAND_ROWS))
+            most = int(np.diff(bounds).max())
+            right = np.empty((most, _BAND_COLUMNS), dtype=np.float64)
+            left = np.empty((_BAND_ROWS, _BAND_COLUMNS), dtype=np.float64)
             for b0, b1 in zip(bounds[:-1], bounds[1:]):
                 if b1 == b0:
                     continue
-                r0 = int(r_loc[b0])
-                here = ids[r0 : int(r_loc[b1 - 1]) + 1]
-                left = _shifted(X, shift, here)[r_loc[b0:b1] - r0]
-                dots = np.einsum("ij,ij->i", left, _shifted(X, shift, cols[b0:b1]))
-                vals[b0:b1] = sq64[ids[r_loc[b0:b1]]] + sq64[cols[b0:b1]] - 2.0 * dots
+                m = int(b1 - b0)
+                r0, r1 = int(r_loc[b0]), int(r_loc[b1 - 1]) + 1
+                here = r_loc[b0:b1] - r0
+                for c0 in range(0, D, _BAND_COLUMNS):
+                    c1 = min(D, c0 + _BAND_COLUMNS)
+                    w = c1 - c0
+                    np.subtract(X[rows.start + r0 : rows.start + r1, c0:c1], shift[c0:c1],
+                                out=left[: r1 - r0, :w])
+                    np.subtract(X[cols[b0:b1], c0:c1], shift[c0:c1], out=right[:m, :w])
+                    right[:m, :w] *= left[here, :w]
+                    dots[b0:b1] += right[:m, :w].sum(axis=1)
+            vals = sq64[ids[r_loc]] + sq64[cols] - 2.0 * dots
             np.maximum(vals, 0.0, out=vals)
             if has_duplicates:
                 vals[groups[cols] == groups[ids[r_loc]]] = 0.0
@@ -1449,9 +1488,15 @@ def _search_partial(
             p_c = pos[r_c, w_c]
             group[r_c, p_c] = np.minimum(group[r_c, p_c], kc[r_c].astype(group.dtype))
             n_band += int(valid.sum())
-        order = np.argsort(group, axis=1, kind="stable")[:, : k + 1]
-        ind[rows] = np.take_along_axis(cand[rows], order, axis=1)
-        approx = np.take_along_axis(a, order, axis=1)
+        # a stable sort by group; most rows are in order already (the float32 order misplaces
+        # a point across rank R or a cut only near a tie): those are copied as they are
+        ind[rows] = cand[rows, : k + 1]
+        approx = a[:, : k + 1].copy()
+        moved = np.flatnonzero((group[:, 1:] < group[:, :-1]).any(axis=1))
+        if moved.size:
+            order = np.argsort(group[moved], axis=1, kind="stable")[:, : k + 1]
+            ind[rows.start + moved] = np.take_along_axis(cand[rows.start + moved], order, axis=1)
+            approx[moved] = np.take_along_axis(a[moved], order, axis=1)
         # the exact first ranks in their exact order; float32 values after them, never below
         ind[rows, : ranks + 1] = np.take_along_axis(cand[rows], exact_pos[rows], axis=1)
         approx[:, : ranks + 1] = exact_d2[rows]
