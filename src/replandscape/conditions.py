@@ -18,6 +18,25 @@ from replandscape.errors import UserError
 
 # the folder names the fine-tuning stage gives its last checkpoint (LoRA adapter, whole model)
 FINAL_CHECKPOINTS = ("adapter-final", "checkpoint-final")
+# the fine-tuning folder's name under run.output_dir when finetune.output_dir is null
+FINETUNE_DIR = "finetune"
+
+
+def finetune_dir(cfg: ExperimentConfig) -> Path:
+    """The fine-tuning stage's folder: ``finetune.output_dir``, else ``<run.output_dir>/finetune``.
+
+    Every reader and writer of the fine-tuning outputs (the stage, extraction and patching of its
+    checkpoints, sweeps, ``ls``) goes through here, so runs whose fine-tuning is the same (a
+    sweep's task experiments on one mixture, docs/method.md §7.6) can share one folder.
+    """
+    if cfg.finetune.output_dir is not None:
+        return Path(cfg.finetune.output_dir)
+    return cfg.output_dir / FINETUNE_DIR
+
+
+def finetune_dir_key(cfg: ExperimentConfig) -> str:
+    """The config key that chose :func:`finetune_dir` (named in errors about the folder)."""
+    return "finetune.output_dir" if cfg.finetune.output_dir is not None else "run.output_dir"
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
     """The saved adapters of the finetune stage (final, or all log-spaced ones)."""
     from replandscape.stored import read_checkpoint_index
 
-    folder = cfg.output_dir / "finetune"
+    folder = finetune_dir(cfg)
     index = folder / "checkpoints.json"
     if not index.is_file():
         raise UserError("no fine-tuned checkpoints", file=str(index),
@@ -93,12 +112,31 @@ def finetuned_conditions(cfg: ExperimentConfig) -> list[Condition]:
 
 
 def finetune_test_accuracy(cfg: ExperimentConfig) -> float | None:
-    """The test accuracy the fine-tuning stage measured on its final adapter (None when the
-    stage has not finished or did not score a test split)."""
+    """The test accuracy the fine-tuning stage measured on its final checkpoint for this run's
+    own task (None when the stage has not finished or did not score a test split).
+
+    A generated task's accuracy is read from the result's per-task scores where they hold the
+    run's task, so a run reading a fine-tuning shared with other tasks' runs (whose
+    ``test_accuracy`` is the task of the run that trained it) gets its own task's number."""
     from replandscape.stored import read_finetune_result
 
-    path = cfg.output_dir / "finetune" / "result.json"
+    path = finetune_dir(cfg) / "result.json"
     if not path.is_file():
         return None
-    value = read_finetune_result(path).get("test_accuracy")
+    data = read_finetune_result(path)
+    own = task_test_accuracy(data.get("task_accuracy"), cfg.task.name, cfg.task.scoring)
+    if own is not None:
+        return own
+    value = data.get("test_accuracy")
     return None if value is None else float(value)
+
+
+def task_test_accuracy(scores: object, task: str, rule: str) -> float | None:
+    """One task's 0-shot test accuracy from a fine-tuning result's ``task_accuracy``
+    (``{task: {variant: {"strict", "substring", "n"}}}``): the ``rule`` score of its variants
+    weighted by their items, as extraction counts them; None when ``scores`` lacks the task."""
+    if not isinstance(scores, dict) or not isinstance(scores.get(task), dict):
+        return None
+    own = scores[task]
+    n = sum(int(v["n"]) for v in own.values())
+    return sum(float(v[rule]) * int(v["n"]) for v in own.values()) / max(1, n)

@@ -201,6 +201,12 @@ class FinetuneConfig:
     max_steps: int | None = None
     # a checkpoint every N steps (0: the log-spaced log_checkpoints instead)
     checkpoint_every: int = 0
+    # generated tasks: more tasks whose 0-shot test accuracy the stage also measures (besides the
+    # mixture and the run's own task), so one run shared by a sweep's task axis scores each task
+    eval_tasks: tuple[str, ...] = ()
+    # the fine-tuning folder; null: <run.output_dir>/finetune. Runs whose fine-tuning is the same
+    # (a sweep's task experiments on one mixture) can point at one folder and train once
+    output_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -752,6 +758,21 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
                           f"use one of {', '.join(TASK_NAMES)}")
         if len(set(f.tasks)) != len(f.tasks):
             raise bad("finetune.tasks", "a task is listed twice", "list each task once")
+    if f.eval_tasks:
+        from replandscape.tasks import TASK_NAMES
+
+        if t.name == "mmlu":
+            raise bad("finetune.eval_tasks", "scoring more tasks needs a generated task "
+                      "(task.name is mmlu)", "leave finetune.eval_tasks empty or set task.name")
+        for i, name in enumerate(f.eval_tasks):
+            if name not in TASK_NAMES:
+                raise bad(f"finetune.eval_tasks[{i}]", f"unknown task '{name}'",
+                          f"use one of {', '.join(TASK_NAMES)}")
+        if len(set(f.eval_tasks)) != len(f.eval_tasks):
+            raise bad("finetune.eval_tasks", "a task is listed twice", "list each task once")
+    if f.output_dir is not None and not f.output_dir.strip():
+        raise bad("finetune.output_dir", "an empty folder name",
+                  "use null (run.output_dir/finetune) or a folder")
     if f.samples_per_task < 1:
         raise bad("finetune.samples_per_task", "must be at least 1", "use e.g. 1000")
     if not f.train_variants or len(set(f.train_variants)) != len(f.train_variants):

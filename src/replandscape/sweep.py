@@ -18,9 +18,19 @@ A sweep file::
       patch: true                         # optional: a patch job per experiment (circuit shift;
                                           # with patch.parts > 1 an array and a gather job)
       rsa: true                           # optional: an rsa job per experiment (RSA, probes)
+      share_finetune: true                # default: one fine-tuning per (model, mixture)
 
 With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
 named ``<run.name>-<model>-<task>``): the task is an axis like the model.
+
+Shared fine-tuning (docs/method.md §7.6): experiments that fine-tune on a task mixture
+(``finetune.tasks``) train on the same data whatever their own task, so the task experiments of
+one model and mixture would train the same model once each. :func:`share_finetunes` gives them
+one folder, ``<output_root>/finetune-<model>-<hash8>`` (``finetune.output_dir``), and has that run
+score every task of the sweep (``finetune.eval_tasks``), which makes their stage hashes equal:
+the plan holds one ``finetune`` job for them (key ``<model>/finetune-<hash8>``) and each one's
+``extract-ft`` and ``patch`` jobs depend on it. ``share_finetune: false`` keeps one fine-tuning
+per experiment, in its own folder.
 
 Per experiment: ``extract`` (a job array, one task per shot count), ``finetune``, ``extract-ft``
 (after finetune), ``analyze`` (after both; MPI ranks through srun); then one ``figures`` job after
@@ -71,6 +81,9 @@ class SweepSpec:
     patch: bool = False
     # also run the RSA and probes (replandscape run rsa) after extraction
     rsa: bool = False
+    # one fine-tuning per (model, settings, task mixture), shared by the experiments that differ
+    # only in their own task (share_finetunes); false: one per experiment, in its own folder
+    share_finetune: bool = True
 
 
 @dataclass(frozen=True)
@@ -181,8 +194,82 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             cfg = load_config(file, extra)
             check_model_fits(cfg, file)
             experiments.append(Experiment(file, tuple(extra), cfg))
+    if spec.share_finetune:
+        experiments = share_finetunes(experiments, Path(spec.output_root), spec.tasks)
+    check_finetune_folders(experiments, str(path))
     return Sweep(spec.name, Path(spec.output_root), experiments, str(path), patch=spec.patch,
                  rsa=spec.rsa)
+
+
+def share_finetunes(experiments: Sequence[Experiment], output_root: Path,
+                    axis: Sequence[str] | None = None) -> list[Experiment]:
+    """Give the experiments whose fine-tunings would be the same run one folder.
+
+    Candidates fine-tune (``finetune.enabled``) on a mixture (``finetune.tasks``) of generated
+    tasks (``data.source: builtin:task``) into the default folder. Each is given
+    ``finetune.eval_tasks`` = its own plus the sweep's tasks (``axis``; without one, the own tasks
+    of every candidate), so the run scores every task and its stage hash no longer depends on
+    the experiment's own task (:func:`replandscape.stages.finetune.stage_hash`). Candidates with
+    equal hashes (same model, data, prompts seed, fine-tuning settings, mixture and run seed) are
+    a group; a group of two or more gets ``finetune.output_dir=<output_root>/finetune-<model>-
+    <first 8 of the hash>`` besides. A candidate alone keeps its config unchanged.
+    """
+    from replandscape.evalset import BUILTIN_TASK
+    from replandscape.stages.finetune import stage_hash
+
+    def candidate(cfg: ExperimentConfig) -> bool:
+        f = cfg.finetune
+        return (f.enabled and bool(f.tasks) and f.output_dir is None
+                and cfg.data.source == BUILTIN_TASK)
+
+    out = list(experiments)
+    chosen = [i for i, e in enumerate(out) if candidate(e.cfg)]
+    tasks = list(axis) if axis else list(dict.fromkeys(out[i].cfg.task.name for i in chosen))
+    groups: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    for i in chosen:
+        cfg = out[i].cfg
+        scored = tuple(dict.fromkeys((*cfg.finetune.eval_tasks, *tasks)))
+        shared = cfg.replace(finetune=dataclasses.replace(cfg.finetune, eval_tasks=scored))
+        groups.setdefault(stage_hash(shared), []).append((i, scored))
+    for digest, members in groups.items():
+        if len(members) < 2:
+            continue
+        model = "".join(c if c.isalnum() or c in "._-" else "_" for c in out[members[0][0]]
+                        .cfg.model.name)
+        folder = output_root / f"finetune-{model}-{digest[:8]}"
+        for i, scored in members:
+            exp = out[i]
+            extra = (*exp.overrides, f"finetune.output_dir={folder}",
+                     f"finetune.eval_tasks=[{','.join(scored)}]")
+            cfg = load_config(exp.config_file, extra)
+            if stage_hash(cfg) != digest:  # the overrides must give the identity grouped by
+                raise AssertionError(f"{cfg.run.name}: shared fine-tuning hash mismatch")
+            out[i] = Experiment(exp.config_file, extra, cfg)
+    return out
+
+
+def check_finetune_folders(experiments: Sequence[Experiment], where: str) -> None:
+    """Refuse two experiments that would fine-tune different runs into one folder (a
+    ``finetune.output_dir`` set by hand): the second would find a folder of another config.
+
+    Raises:
+        UserError: One line naming both experiments.
+    """
+    from replandscape.conditions import finetune_dir
+    from replandscape.stages.finetune import stage_hash
+
+    seen: dict[Path, tuple[str, str]] = {}
+    for exp in experiments:
+        if not exp.cfg.finetune.enabled:
+            continue
+        folder = finetune_dir(exp.cfg).resolve()
+        digest = stage_hash(exp.cfg)
+        other = seen.setdefault(folder, (exp.cfg.run.name, digest))
+        if other[1] != digest:
+            raise UserError(f"experiments '{other[0]}' and '{exp.cfg.run.name}' fine-tune "
+                            f"different runs into one folder {folder}", file=where,
+                            key="finetune.output_dir",
+                            fix="give each fine-tuning its own finetune.output_dir (or null)")
 
 
 def _axis_points(spec: SweepSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -355,10 +442,18 @@ def check_resources(job: JobSpec, cfg: ExperimentConfig, where: str) -> None:
 
 def plan_sweep(sweep: Sweep) -> list[JobSpec]:
     """Every job of the sweep, in submission order, with dependencies by key."""
-    from replandscape.conditions import shot_conditions
+    from replandscape.conditions import finetune_dir, shot_conditions
 
     jobs: list[JobSpec] = []
     analyses: list[str] = []
+    # fine-tuning folders, and the experiments reading each: one job per folder
+    readers: dict[Path, int] = {}
+    for exp in sweep.experiments:
+        if exp.cfg.finetune.enabled:
+            folder = finetune_dir(exp.cfg).resolve()
+            readers[folder] = readers.get(folder, 0) + 1
+    ft_jobs: dict[Path, JobSpec] = {}
+    shared_owner: dict[str, Experiment] = {}
     for exp in sweep.experiments:
         cfg = exp.cfg
         name = cfg.run.name
@@ -375,11 +470,23 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
                        done=not pending)
         jobs.append(extract)
         deps = [extract.key]
+        ft_key: str | None = None
         if cfg.finetune.enabled:
-            marker = out / "finetune" / "result.json"
-            ft = _job(cfg, exp, "finetune", f"{name}/finetune", gpus=cfg.model.gpus,
-                      outputs=(str(marker),), done=output_complete("finetune", marker, cfg))
-            jobs.append(ft)
+            folder = finetune_dir(cfg)
+            ft = ft_jobs.get(folder.resolve())
+            if ft is None:
+                marker = folder / "result.json"
+                key = f"{name}/finetune"
+                if readers[folder.resolve()] > 1:  # one run shared by several experiments
+                    from replandscape.stages.finetune import stage_hash
+
+                    key = f"{cfg.model.name}/finetune-{stage_hash(cfg)[:8]}"
+                    shared_owner[key] = exp
+                ft = _job(cfg, exp, "finetune", key, gpus=cfg.model.gpus,
+                          outputs=(str(marker),), done=output_complete("finetune", marker, cfg))
+                ft_jobs[folder.resolve()] = ft
+                jobs.append(ft)
+            ft_key = ft.key
             ft_done = ft.done and output_complete("extract-ft", out / "activations" / "ft-final.h5",
                                                   cfg)
             eft = _job(cfg, exp, "extract-ft", f"{name}/extract-ft", gpus=cfg.model.gpus,
@@ -388,7 +495,7 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             jobs.append(eft)
             deps.append(eft.key)
         if sweep.patch:
-            jobs.extend(_patch_jobs(cfg, exp, name, extract.key))
+            jobs.extend(_patch_jobs(cfg, exp, name, extract.key, ft_key))
         if sweep.rsa:
             rsa_results = out / "rsa" / "results.json"
             rsa_deps = [j.key for j in jobs if j.key in (extract.key, f"{name}/extract-ft")]
@@ -413,6 +520,10 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
         for job in jobs:
             if job.key.startswith(f"{exp.cfg.run.name}/"):
                 check_resources(job, exp.cfg, exp.config_file)
+    for job in jobs:
+        if job.key in shared_owner:
+            owner = shared_owner[job.key]
+            check_resources(job, owner.cfg, owner.config_file)
     # a dependency on a complete job is dropped; a job after an incomplete one is not complete
     done = {j.key for j in jobs if j.done}
     for job in jobs:
@@ -423,15 +534,18 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
     return jobs
 
 
-def _patch_jobs(cfg: ExperimentConfig, exp: Experiment, name: str,
-                extract_key: str) -> list[JobSpec]:
-    """The patching of one experiment, after its extraction and fine-tuning: one job, or with
-    ``patch.parts`` > 1 an array of that many tasks (task I computes share I of the work units,
-    ``patch.part=I``) and a job after it that gathers the shares and draws the circuit shift."""
+def _patch_jobs(cfg: ExperimentConfig, exp: Experiment, name: str, extract_key: str,
+                finetune_key: str | None = None) -> list[JobSpec]:
+    """The patching of one experiment, after its extraction and fine-tuning (``finetune_key``,
+    its own or a shared one): one job, or with ``patch.parts`` > 1 an array of that many tasks
+    (task I computes share I of the work units, ``patch.part=I``) and a job after it that
+    gathers the shares and draws the circuit shift."""
     from replandscape.stages.patch import part_marker
 
     circuits = cfg.output_dir / "patching" / "circuits.json"
-    deps = (extract_key,) + ((f"{name}/finetune",) if cfg.finetune.enabled else ())
+    if finetune_key is None and cfg.finetune.enabled:
+        finetune_key = f"{name}/finetune"
+    deps = (extract_key,) + ((finetune_key,) if finetune_key else ())
     done = circuits.is_file()
     parts = cfg.patch.parts
     if parts == 1:
@@ -455,8 +569,9 @@ def output_complete(stage: str, path: str | Path, cfg: ExperimentConfig | None =
 
     * ``extract``, ``extract-ft``: the ``.h5`` opens as a finished activation file (it is
       renamed into place only at the end).
-    * ``finetune``: ``finetune/result.json`` parses with its schema and the final adapter is
-      beside it (the file is written last; ``checkpoints.json`` exists from the first adapter).
+    * ``finetune``: ``result.json`` of the fine-tuning folder (``finetune/``, or the shared
+      ``finetune.output_dir``) parses with its schema and the final adapter is beside it (the
+      file is written last; ``checkpoints.json`` exists from the first adapter).
     * ``analyze``: ``analysis/results.json`` reads, with this config's parameters' hash.
     * ``figures``: the folder exists.
 

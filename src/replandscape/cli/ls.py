@@ -44,13 +44,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"                {path.stem:14s} DAMAGED: {exc}")
     for name in partial:
         print(f"                {name:14s} partial (resume with replandscape run extract)")
-    index = folder / "finetune" / "checkpoints.json"
+    ft_folder = finetune_folder(folder)
+    index = ft_folder / "checkpoints.json"
     if index.exists():
         from replandscape.stored import read_checkpoint_index
 
         adapters = read_checkpoint_index(index).adapters
         steps = ", ".join(f"{a.name}@{a.step}" for a in adapters)
-        print(f"  finetune/     {len(adapters)} adapter(s): {steps}")
+        where = "" if ft_folder == folder / "finetune" else f" (shared: {ft_folder})"
+        print(f"  finetune/     {len(adapters)} adapter(s): {steps}{where}")
     results = folder / "analysis" / "results.json"
     if results.exists():
         from replandscape.results import read_results
@@ -64,3 +66,21 @@ def run(args: argparse.Namespace) -> int:
     if figures:
         print(f"  figures/      {len(figures)} PNG(s), report.md")
     return 0
+
+
+def finetune_folder(folder: Path) -> Path:
+    """The fine-tuning folder of the run in ``folder``: the one its resolved ``config.yaml``
+    names (``finetune.output_dir``, a folder a sweep's task experiments share), else
+    ``folder/finetune`` (also when the config is missing or no longer loads)."""
+    from replandscape.conditions import FINETUNE_DIR, finetune_dir
+    from replandscape.config import config_from_dict, read_yaml
+
+    path = folder / "config.yaml"
+    if path.is_file():
+        try:
+            data = read_yaml(path)
+            data.setdefault("run", {})["output_dir"] = str(folder)  # the folder may have moved
+            return finetune_dir(config_from_dict(data, str(path)))
+        except (UserError, AttributeError, TypeError):
+            pass
+    return folder / FINETUNE_DIR

@@ -11,7 +11,15 @@ A generated task (``task.name`` not ``mmlu``): a sample is one solved item witho
 (``text + answer``, :meth:`TaskSpec.training_text`), ``finetune.samples_per_task`` items from the
 ``train`` split of each task of ``finetune.tasks`` (default: the run's own task), mixed in a
 seeded order. The fine-tuned model is scored at 0 shots by greedy generation on the test split of
-every task of the mixture, both variants, strict and substring.
+every task of the mixture, of ``finetune.eval_tasks`` and of the run's own task, both variants,
+strict and substring.
+
+Shared runs: with a mixture (``finetune.tasks``) the training data do not depend on the run's own
+task, so a sweep's task experiments on one mixture fine-tune once. The sweep points them at one
+folder (``finetune.output_dir``) and sets ``finetune.eval_tasks`` to every task of its axis; with
+both set, the stage hash keys the run by the task section without its name plus the set of
+scored tasks, so those experiments share one identity. Each reads its own task's accuracy from
+``task_accuracy`` (``test_accuracy`` is the task of the experiment that trained).
 
 ``finetune.method: full`` trains every weight (ZeRO-3 partitions weights, gradients and optimizer
 states over the ranks, the model partitioned while it loads); its checkpoints are whole models
@@ -22,7 +30,7 @@ released implicit-task recipe), a token mean over the effective batch.
 The process group comes from the environment (:mod:`replandscape.dist.torchdist`); this module
 knows nothing about launching.
 
-Output layout under ``<run.output_dir>/finetune/``::
+Output layout under ``<run.output_dir>/finetune/`` (or ``finetune.output_dir``)::
 
     config.yaml, config.sha256     the resolved config and its hash (provenance)
     stage.sha256                   what identifies this run: data, task (generated tasks), prompt
@@ -79,12 +87,14 @@ from typing import Any
 import numpy as np
 
 from replandscape.atomic import write_npz_atomic, write_text_atomic
+from replandscape.conditions import finetune_dir, finetune_dir_key, task_test_accuracy
 from replandscape.config import ExperimentConfig, save_resolved
 from replandscape.data import Question, load_split, select_eval_questions
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
 from replandscape.lock import stage_lock
 from replandscape.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
+from replandscape.outputs import ensure_dir
 from replandscape.prompts import build_prompt, letter_token_ids, training_text
 from replandscape.stored import (
     FIX_RESUME,
@@ -97,6 +107,7 @@ from replandscape.stored import (
     read_train_log,
 )
 
+# the stage's name (its lock); its folder is conditions.finetune_dir(cfg)
 STAGE_DIR = "finetune"
 FINAL_ADAPTER = "adapter-final"
 # full fine-tuning saves whole models, loadable as a model path
@@ -183,20 +194,32 @@ class FinetuneResult:
 _LATER_DEFAULTS: dict[str, Any] = {
     "method": "lora", "loss": "answer", "tasks": [], "samples_per_task": 1000,
     "train_variants": ["pattern", "misleading"], "schedule": "cosine", "warmup_steps": None,
-    "max_steps": None, "checkpoint_every": 0}
+    "max_steps": None, "checkpoint_every": 0, "eval_tasks": []}
 
 
 def stage_hash(cfg: ExperimentConfig) -> str:
     """Identity of a fine-tuning run: only what changes its weights and their evaluation, so a
-    config that differs in its analysis, figures, extraction or cluster settings reuses it."""
+    config that differs in its analysis, figures, extraction or cluster settings reuses it. Where
+    the folder is (``finetune.output_dir``) is no part of it.
+
+    A generated task's run is keyed by its task section. With a mixture (``finetune.tasks``) and
+    ``finetune.eval_tasks`` both set, the run's own task changes only which tasks are scored: it
+    is keyed by the task section without its name plus the set of scored tasks
+    (:func:`scored_tasks`), so a sweep's task experiments on one mixture, scoring every task of
+    the axis, are one run. Every other run keeps the identity it had before that option."""
     d = cfg.to_dict()
     finetune = {k: v for k, v in d["finetune"].items()
-                if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+                if k != "output_dir" and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     key = {"data": d["data"],
            "prompts": {"seed": d["prompts"]["seed"], "add_bos": d["prompts"]["add_bos"]},
            "model": d["model"], "finetune": finetune, "seed": d["run"]["seed"]}
     if cfg.task.name != "mmlu":  # MMLU runs keep the identity they had before the task axis
-        key["task"] = d["task"]
+        if cfg.finetune.tasks and cfg.finetune.eval_tasks:
+            finetune.pop("eval_tasks")
+            key["task"] = {k: v for k, v in d["task"].items() if k != "name"}
+            key["scored_tasks"] = sorted(scored_tasks(cfg))
+        else:
+            key["task"] = d["task"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -367,6 +390,12 @@ def check_target_modules(targets: Sequence[str], module_names: Sequence[str]) ->
 def train_tasks(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The generated tasks fine-tuning mixes: ``finetune.tasks``, else the run's own task."""
     return tuple(cfg.finetune.tasks) or (cfg.task.name,)
+
+
+def scored_tasks(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The generated tasks whose 0-shot test accuracy the stage measures, each once: the run's
+    own task (``test_accuracy`` is its), the mixture, then ``finetune.eval_tasks``."""
+    return tuple(dict.fromkeys((cfg.task.name, *train_tasks(cfg), *cfg.finetune.eval_tasks)))
 
 
 def task_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
@@ -590,7 +619,7 @@ class Finetuner:
         self.method = f.method
         self.generated = is_generated(cfg)
         self.info = torchdist.rank_info()
-        self.out = cfg.output_dir / STAGE_DIR
+        self.out = finetune_dir(cfg)
         world = self.info.world_size
         if f.effective_batch % (f.micro_batch * world):
             raise UserError(f"effective batch {f.effective_batch} does not divide over micro-batch "
@@ -610,10 +639,7 @@ class Finetuner:
 
             self.train_items = mixture_items(cfg)
             n_train = len(self.train_items)
-            scored = train_tasks(cfg)
-            if cfg.task.name not in scored:  # test_accuracy is always the run's own task's
-                scored = (cfg.task.name, *scored)
-            for name in scored:
+            for name in scored_tasks(cfg):
                 sub = task_config(cfg, name)
                 self.task_records[name] = eval_records(sub, 0)
                 self.task_new_tokens[name] = max_new_tokens(sub)
@@ -871,7 +897,7 @@ class Finetuner:
         f = self.cfg.finetune
         is_main = self.info.is_main
         if is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out, finetune_dir_key(self.cfg))
             save_resolved(self.cfg, self.out)
             write_text_atomic(self.out / STAGE_STAMP, self.stage_hash + "\n")
         torchdist.barrier()
@@ -931,8 +957,7 @@ class Finetuner:
             own = task_scores[self.cfg.task.name]
             rule = self.cfg.task.scoring
             n_test = sum(int(v["n"]) for v in own.values())
-            test_acc: float | None = sum(float(v[rule]) * int(v["n"]) for v in own.values()) \
-                / max(1, n_test)
+            test_acc = task_test_accuracy(task_scores, self.cfg.task.name, rule)
             per_subject = {variant: float(v[rule]) for variant, v in own.items()}
         else:
             val_questions = self.val_questions
@@ -1216,8 +1241,9 @@ class Finetuner:
         info = read_resume_record(pointer)
         if info.stage_hash != self.stage_hash:
             raise UserError("the resume checkpoint was written by another config",
-                            file=str(pointer), key="run.output_dir",
-                            fix="use a new run.output_dir, or delete the folder to start over")
+                            file=str(pointer), key=finetune_dir_key(self.cfg),
+                            fix=f"use a new {finetune_dir_key(self.cfg)}, or delete the folder "
+                                "to start over")
         if info.world_size != self.info.world_size:
             raise UserError(f"the resume checkpoint was written by {info.world_size} "
                             f"rank(s), this run has {self.info.world_size}", file=str(pointer),
@@ -1226,19 +1252,21 @@ class Finetuner:
                                                         load_module_strict=False)
         if load_path is None:
             raise UserError("the resume checkpoint cannot be read", file=str(ds_dir / info.tag),
-                            key="run.output_dir", fix=FIX_RESUME)
+                            key=finetune_dir_key(self.cfg), fix=FIX_RESUME)
         saved = (client or {}).get("replandscape")
         if not isinstance(saved, dict) or not {"step", "tokens", "elapsed_s", "last_loss",
                                                "val_history"} <= saved.keys():
             raise UserError("the resume checkpoint lacks the run's position",
-                            file=str(ds_dir / info.tag), key="run.output_dir", fix=FIX_RESUME)
+                            file=str(ds_dir / info.tag), key=finetune_dir_key(self.cfg),
+                            fix=FIX_RESUME)
         try:
             task_history = json.loads(saved.get("task_history", "[]"))
         except (TypeError, ValueError):
             task_history = None
         if not isinstance(task_history, list):
             raise UserError("the resume checkpoint holds a damaged task_history",
-                            file=str(ds_dir / info.tag), key="run.output_dir", fix=FIX_RESUME)
+                            file=str(ds_dir / info.tag), key=finetune_dir_key(self.cfg),
+                            fix=FIX_RESUME)
         self.state = _State(step=int(saved["step"]), tokens=int(saved["tokens"]),
                             elapsed_s=float(saved["elapsed_s"]), last_loss=saved["last_loss"],
                             val_history=[(int(s), float(a)) for s, a in saved["val_history"]],
@@ -1274,7 +1302,8 @@ LoraFinetuner = Finetuner
 
 def check_output_folder(cfg: ExperimentConfig) -> None:
     """Refuse a fine-tuning folder that a run of another config wrote."""
-    out = cfg.output_dir / STAGE_DIR
+    out = finetune_dir(cfg)
+    key = finetune_dir_key(cfg)
     stamp, mine = out / STAGE_STAMP, stage_hash(cfg)
     if not stamp.is_file():  # a folder written before stage stamps: the whole config
         stamp, mine = out / "config.sha256", cfg.hash
@@ -1283,8 +1312,8 @@ def check_output_folder(cfg: ExperimentConfig) -> None:
         if old != mine:
             raise UserError(f"the folder holds a fine-tuning run of another config (hash "
                             f"{old[:12]}, this config {mine[:12]}; data, prompts, model, "
-                            f"finetune or run.seed differ)", file=str(out), key="run.output_dir",
-                            fix="use a new run.output_dir, or delete the folder to start over")
+                            f"finetune or run.seed differ)", file=str(out), key=key,
+                            fix=f"use a new {key}, or delete the folder to start over")
     check_stored_state(out)
 
 
@@ -1329,26 +1358,36 @@ def result_complete(path: Path, expected_stage_hash: str | None = None) -> bool:
 
 def is_complete(cfg: ExperimentConfig) -> bool:
     """Whether the fine-tuning stage of ``cfg`` has finished (see :func:`result_complete`)."""
-    return result_complete(cfg.output_dir / STAGE_DIR / RESULT_FILE, stage_hash(cfg))
+    return result_complete(finetune_dir(cfg) / RESULT_FILE, stage_hash(cfg))
 
 
 def _finished_result(cfg: ExperimentConfig) -> FinetuneResult | None:
-    path = cfg.output_dir / STAGE_DIR / RESULT_FILE
+    """The stored result of a finished run of ``cfg`` (None when there is none), its test
+    accuracy that of ``cfg``'s own task: a shared run stores the trainer's task's."""
+    path = finetune_dir(cfg) / RESULT_FILE
     if not path.is_file():
         return None
     data = read_finetune_result(path)  # damaged: one line, not a retrain over it
     if not result_complete(path, stage_hash(cfg)):
         return None
-    return FinetuneResult.from_json(data)
+    result = FinetuneResult.from_json(data)
+    scores, name = result.task_accuracy, cfg.task.name
+    own = task_test_accuracy(scores, name, cfg.task.scoring)
+    if own is None or scores is None:
+        return result
+    return dataclasses.replace(
+        result, test_accuracy=own, test_questions=sum(int(v["n"]) for v in scores[name].values()),
+        test_per_subject={v: float(s[cfg.task.scoring]) for v, s in scores[name].items()})
 
 
 def run(cfg: ExperimentConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` (LoRA or full) under DeepSpeed and evaluate it (docs/method.md §4).
 
     Ranks come from the environment (torchrun, the deepspeed launcher, Slurm tasks, or one
-    process). A finished run returns its stored result; an interrupted one resumes. Rank 0 holds
-    ``finetune/.finetune.lock`` (:func:`replandscape.lock.stage_lock`) while it trains, so a
-    second live run on the same folder is refused in one line.
+    process). A finished run returns its stored result (a run shared by several configs,
+    ``finetune.output_dir``, trains once: the others find it finished); an interrupted one
+    resumes. Rank 0 holds ``.finetune.lock`` in the folder (:func:`replandscape.lock.stage_lock`)
+    while it trains, so a second live run on the same folder is refused in one line.
 
     Raises:
         UserError: Bad input, damaged stored state, or another live run on the folder.

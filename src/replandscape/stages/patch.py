@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from replandscape.atomic import write_npz_atomic, write_text_atomic
-from replandscape.conditions import Condition, code_version, finetuned_conditions
+from replandscape.conditions import Condition, code_version, finetune_dir, finetuned_conditions
 from replandscape.config import ExperimentConfig
 from replandscape.dist import torchdist
 from replandscape.errors import UserError
@@ -69,7 +69,7 @@ def conditions(cfg: ExperimentConfig) -> list[Condition]:
     shots = cfg.patch.shots if cfg.patch.shots is not None else cfg.prompts.shots
     out = [Condition(name=f"shots{k}", shots=k) for k in shots]
     if cfg.patch.finetuned and cfg.finetune.enabled and \
-            (cfg.output_dir / "finetune" / "checkpoints.json").is_file():
+            (finetune_dir(cfg) / "checkpoints.json").is_file():
         out += finetuned_conditions(cfg)
     return out
 
