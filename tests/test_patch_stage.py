@@ -170,8 +170,11 @@ def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path
     sweep.write_text(yaml.safe_dump({"sweep": {
         "name": "imp", "output_root": str(tmp_path / "root"),
         "experiments": [str(_patch_config(tmp_path))], "tasks": ["expression"],
-        "finetune": True, "patch": True}}))
+        "finetune": True, "patch": True, "knockout": True}}))
     jobs = {j.key: j for j in plan_sweep(load_sweep(sweep, ["cluster=local-slurm"]))}
+    knockout = jobs["t-expression/knockout"]
+    assert knockout.depends_on == ("t-expression/extract",) and knockout.stage == "knockout"
+    assert [Path(o).name for o in knockout.outputs] == ["shots2.json"]  # shots above 0
     patch = jobs["t-expression/patch"]
     assert set(patch.depends_on) == {"t-expression/extract", "t-expression/finetune"}
     assert patch.outputs[0].endswith("patching/circuits.json") and not patch.done
@@ -192,14 +195,14 @@ def test_a_sweep_chains_patching_after_extraction_and_fine_tuning(tmp_path: Path
 def test_a_patch_sweep_runs_its_shares_as_a_slurm_array(slurm_cluster: object,
                                                         tmp_path: Path) -> None:
     """On the local Slurm cluster: extraction, then patching as an array of two shares and a
-    gather job after it, then the analysis and figures."""
+    gather job after it, knockout, then the analysis and figures."""
     import yaml
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"sweep": {
         "name": "imp", "output_root": str(tmp_path / "root"),
         "experiments": [str(_patch_config(tmp_path, patch={"parts": 2, "pair_batch": 1}))],
-        "tasks": ["expression"], "finetune": False, "patch": True}}))
+        "tasks": ["expression"], "finetune": False, "patch": True, "knockout": True}}))
     proc = cli("submit", str(sweep), "cluster=local-slurm", "--wait", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "root" / "t-expression" / "patching"
@@ -211,6 +214,8 @@ def test_a_patch_sweep_runs_its_shares_as_a_slurm_array(slurm_cluster: object,
     assert jobs["t-expression/patch"]["labels"] == ["part0", "part1"]
     gather_log = Path(jobs["t-expression/patch-gather"]["logs"][0]).read_text()
     assert "unit(s) to run" not in gather_log  # the shares left nothing to compute
+    knocked = json.loads((out.parent / "knockout" / "shots2.json").read_text())
+    assert knocked["kind"] == "replandscape.knockout"
 
 
 def test_knockout_stage_reports_each_position_set_and_the_scan(tmp_path: Path) -> None:

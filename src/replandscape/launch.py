@@ -299,6 +299,8 @@ def last_error_line(log: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
-def submit_experiment(config_file: str, overrides: Sequence[str], *, wait: bool = True) -> int:
-    """Run one experiment's stages as Slurm jobs (the demo with cluster=local-slurm)."""
-    return submit(single_experiment(config_file, overrides), wait=wait)
+def submit_experiment(config_file: str, overrides: Sequence[str], *, wait: bool = True,
+                      studies: Sequence[str] = ()) -> int:
+    """Run one experiment's stages, and those of ``studies`` (patch, knockout, rsa), as Slurm
+    jobs (the demo with cluster=local-slurm)."""
+    return submit(single_experiment(config_file, overrides, studies=studies), wait=wait)

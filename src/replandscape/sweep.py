@@ -18,6 +18,7 @@ A sweep file::
       patch: true                         # optional: a patch job per experiment (circuit shift;
                                           # with patch.parts > 1 an array and a gather job)
       rsa: true                           # optional: an rsa job per experiment (RSA, probes)
+      knockout: true                      # optional: a knockout job per experiment (narrow gate)
       share_finetune: true                # default: one fine-tuning per (model, mixture)
 
 With ``models`` or ``tasks``, every experiment is expanded over them (experiment x model x task,
@@ -81,6 +82,9 @@ class SweepSpec:
     patch: bool = False
     # also run the RSA and probes (replandscape run rsa) after extraction
     rsa: bool = False
+    # also knock out the position sets of every base condition with shots (replandscape run
+    # knockout) after extraction
+    knockout: bool = False
     # one fine-tuning per (model, settings, task mixture), shared by the experiments that differ
     # only in their own task (share_finetunes); false: one per experiment, in its own folder
     share_finetune: bool = True
@@ -101,6 +105,7 @@ class Sweep:
     source: str
     patch: bool = False
     rsa: bool = False
+    knockout: bool = False
 
 
 @dataclass
@@ -198,7 +203,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         experiments = share_finetunes(experiments, Path(spec.output_root), spec.tasks)
     check_finetune_folders(experiments, str(path))
     return Sweep(spec.name, Path(spec.output_root), experiments, str(path), patch=spec.patch,
-                 rsa=spec.rsa)
+                 rsa=spec.rsa, knockout=spec.knockout)
 
 
 def share_finetunes(experiments: Sequence[Experiment], output_root: Path,
@@ -286,12 +291,19 @@ def _axis_points(spec: SweepSpec) -> list[tuple[tuple[str, ...], str]]:
     return points
 
 
-def single_experiment(config_file: str, overrides: Sequence[str]) -> Sweep:
-    """A one-experiment sweep (the demo on Slurm, ``replandscape submit CONFIG``)."""
+def single_experiment(config_file: str, overrides: Sequence[str], *,
+                      studies: Sequence[str] = ()) -> Sweep:
+    """A one-experiment sweep (the demo on Slurm, ``replandscape submit CONFIG``); ``studies``
+    adds the jobs of those further stages (``patch``, ``knockout``, ``rsa``)."""
+    unknown = sorted(set(studies) - {"patch", "knockout", "rsa"})
+    if unknown:
+        raise UserError(f"unknown study stage '{unknown[0]}'", key="studies",
+                        fix="use patch, knockout or rsa")
     cfg = load_config(config_file, overrides)
     check_model_fits(cfg, config_file)
     return Sweep(cfg.run.name, cfg.output_dir, [Experiment(config_file, tuple(overrides), cfg)],
-                 config_file)
+                 config_file, patch="patch" in studies, rsa="rsa" in studies,
+                 knockout="knockout" in studies)
 
 
 def check_model_fits(cfg: ExperimentConfig, where: str) -> None:
@@ -349,7 +361,8 @@ _ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "v
                       "qkv_proj", "c_attn", "c_proj", "out_proj", "Wqkv")
 ATTENTION_WIDTH = 2.0
 MLP_WIDTH = 4.5
-GPU_STAGES = ("extract", "finetune", "extract-ft")
+# the stages that load the model on GPUs (patch and knockout as extraction does)
+GPU_STAGES = ("extract", "finetune", "extract-ft", "patch", "knockout")
 
 
 def lora_params(cfg: ExperimentConfig) -> float:
@@ -496,6 +509,14 @@ def plan_sweep(sweep: Sweep) -> list[JobSpec]:
             deps.append(eft.key)
         if sweep.patch:
             jobs.extend(_patch_jobs(cfg, exp, name, extract.key, ft_key))
+        if sweep.knockout:
+            from replandscape.stages.knockout import knockout_outputs
+
+            # after extraction, which has made the task's data
+            files = knockout_outputs(cfg, exp.config_file)
+            jobs.append(_job(cfg, exp, "knockout", f"{name}/knockout", gpus=cfg.model.gpus,
+                             depends_on=(extract.key,), outputs=tuple(str(f) for f in files),
+                             done=all(f.is_file() for f in files)))
         if sweep.rsa:
             rsa_results = out / "rsa" / "results.json"
             rsa_deps = [j.key for j in jobs if j.key in (extract.key, f"{name}/extract-ft")]

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
         code = 0
         for file, part_overrides, _ in parts:
-            code = code or submit_experiment(file, part_overrides, wait=True)
+            code = code or submit_experiment(file, part_overrides, wait=True,
+                                             studies=extra.get(file, ()))
         return code
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -69,16 +69,32 @@ def prompts_for(cfg: ExperimentConfig, shots: int) -> list[Any]:
     return out[: cfg.knockout.limit] if cfg.knockout.limit is not None else out
 
 
+def knockout_shots(cfg: ExperimentConfig, where: str | None = None) -> tuple[int, ...]:
+    """The shot counts knocked out: ``knockout.shots``, else every ``prompts.shots`` above 0.
+
+    Raises:
+        UserError: None above 0 (the position sets live in the shots).
+    """
+    k = cfg.knockout
+    shots = k.shots if k.shots is not None else tuple(s for s in cfg.prompts.shots if s > 0)
+    if not shots:
+        raise UserError("no condition with shots to knock out", file=where, key="knockout.shots",
+                        fix="list shot counts above 0 (the position sets live in the shots)")
+    return tuple(shots)
+
+
+def knockout_outputs(cfg: ExperimentConfig, where: str | None = None) -> list[Path]:
+    """The files the stage writes, one per condition (what a sweep waits for)."""
+    return [cfg.output_dir / "knockout" / f"shots{n}.json" for n in knockout_shots(cfg, where)]
+
+
 def run(cfg: ExperimentConfig) -> list[Path]:
     """Knock out every position set and window of every base condition with shots."""
     from replandscape.loading import inference_memory
     from replandscape.lock import rank0_stage_lock
 
     k = cfg.knockout
-    shots = k.shots if k.shots is not None else tuple(s for s in cfg.prompts.shots if s > 0)
-    if not shots:
-        raise UserError("no condition with shots to knock out", key="knockout.shots",
-                        fix="list shot counts above 0 (the position sets live in the shots)")
+    shots = knockout_shots(cfg)
     for i, window in enumerate(k.windows):
         if len(window) != 2:
             raise UserError(f"window {list(window)} is not [start, stop)",
