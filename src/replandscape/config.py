@@ -746,30 +746,21 @@ def validate_values(cfg: ExperimentConfig, file: str, *, check_paths: bool = Tru
         raise bad("finetune.lora_rank", "must be at least 1", "use e.g. 64")
     if f.method == "lora" and not f.target_modules:
         raise bad("finetune.target_modules", "no target modules", "list e.g. q_proj, v_proj")
-    if f.tasks:
+    for key, names, what in (("finetune.tasks", f.tasks, "a task mixture"),
+                             ("finetune.eval_tasks", f.eval_tasks, "scoring more tasks")):
+        if not names:
+            continue
         from replandscape.tasks import TASK_NAMES
 
         if t.name == "mmlu":
-            raise bad("finetune.tasks", "a task mixture needs a generated task (task.name is "
-                      "mmlu)", "leave finetune.tasks empty or set task.name")
-        for i, name in enumerate(f.tasks):
+            raise bad(key, f"{what} needs a generated task (task.name is mmlu)",
+                      f"leave {key} empty or set task.name")
+        for i, name in enumerate(names):
             if name not in TASK_NAMES:
-                raise bad(f"finetune.tasks[{i}]", f"unknown task '{name}'",
+                raise bad(f"{key}[{i}]", f"unknown task '{name}'",
                           f"use one of {', '.join(TASK_NAMES)}")
-        if len(set(f.tasks)) != len(f.tasks):
-            raise bad("finetune.tasks", "a task is listed twice", "list each task once")
-    if f.eval_tasks:
-        from replandscape.tasks import TASK_NAMES
-
-        if t.name == "mmlu":
-            raise bad("finetune.eval_tasks", "scoring more tasks needs a generated task "
-                      "(task.name is mmlu)", "leave finetune.eval_tasks empty or set task.name")
-        for i, name in enumerate(f.eval_tasks):
-            if name not in TASK_NAMES:
-                raise bad(f"finetune.eval_tasks[{i}]", f"unknown task '{name}'",
-                          f"use one of {', '.join(TASK_NAMES)}")
-        if len(set(f.eval_tasks)) != len(f.eval_tasks):
-            raise bad("finetune.eval_tasks", "a task is listed twice", "list each task once")
+        if len(set(names)) != len(names):
+            raise bad(key, "a task is listed twice", "list each task once")
     if f.output_dir is not None and not f.output_dir.strip():
         raise bad("finetune.output_dir", "an empty folder name",
                   "use null (run.output_dir/finetune) or a folder")

@@ -233,82 +233,43 @@ def _order_rows(keys: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
-def _select_smallest(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``n_keep`` smallest entries of each row (unordered) and the next value of each row.
-
-    A threshold from a strided sample of the columns picks a small superset of the wanted
-    entries, which is then partitioned exactly; rows where the sample guessed too low are
-    partitioned in full. This costs about half of an ``argpartition`` of the whole block.
-    """
-    n_rows, N = keys.shape
-    target = n_keep + 1
-    if 10 * target > N:  # a threshold would keep too much to save anything
-        part = np.argpartition(keys, n_keep, axis=1)
-        return (
-            part[:, :n_keep],
-            np.take_along_axis(keys, part[:, :n_keep], axis=1),
-            np.take_along_axis(keys, part[:, n_keep : n_keep + 1], axis=1)[:, 0],
-        )
-    stride = max(1, target // 64)
-    sample = keys[:, ::stride]
-    expected = target / stride  # rank of the wanted boundary within the sample
-    rank = min(sample.shape[1] - 1, int(math.ceil(1.1 * expected + 2.0 * math.sqrt(expected))) + 1)
-    threshold = np.partition(sample, rank, axis=1)[:, rank]
-    mask = keys <= threshold[:, None]
-    counts = mask.sum(axis=1)
-    cand = np.empty((n_rows, n_keep), dtype=np.int64)
-    cvals = np.empty((n_rows, n_keep), dtype=keys.dtype)
-    nxt = np.empty(n_rows, dtype=keys.dtype)
-    bad = np.flatnonzero(counts < target)
-    if bad.size:
-        mask[bad] = False
-        counts[bad] = 0
-    good = np.flatnonzero(counts)
-    if good.size:
-        flat = np.flatnonzero(mask)
-        r_idx = np.repeat(np.arange(n_rows), counts)
-        c_idx = flat - r_idx * N
-        width = int(counts.max())
-        slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        padded = np.full((n_rows, width), np.inf, dtype=keys.dtype)
-        padded_cols = np.zeros((n_rows, width), dtype=np.int64)
-        padded[r_idx, slot] = keys.ravel()[flat]
-        padded_cols[r_idx, slot] = c_idx
-        padded, padded_cols = padded[good], padded_cols[good]
-        part = np.argpartition(padded, n_keep, axis=1)
-        cand[good] = np.take_along_axis(padded_cols, part[:, :n_keep], axis=1)
-        cvals[good] = np.take_along_axis(padded, part[:, :n_keep], axis=1)
-        nxt[good] = np.take_along_axis(padded, part[:, n_keep : n_keep + 1], axis=1)[:, 0]
-    if bad.size:
-        part = np.argpartition(keys[bad], n_keep, axis=1)
-        cand[bad] = part[:, :n_keep]
-        cvals[bad] = np.take_along_axis(keys[bad], part[:, :n_keep], axis=1)
-        nxt[bad] = np.take_along_axis(keys[bad], part[:, n_keep : n_keep + 1], axis=1)[:, 0]
-    return cand, cvals, nxt
-
-
-def _select_sorted(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``n_keep`` smallest entries of each row in increasing order, and the next value.
+def _select(
+    keys: np.ndarray, n_keep: int, ordered: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n_keep`` smallest entries of each row (in increasing order with ``ordered``) and the
+    next value of each row (inf where the row has no more).
 
     A threshold from a strided sample of the columns keeps a small superset of the wanted
-    entries (about 1.3 times as many), which is gathered into a narrow block and sorted; rows
-    where the sample guessed too low are sorted in full. Gathering through one flat index of
-    the whole block and sorting the narrow block costs about a third of a partition of the
-    full rows, and leaves the entries ordered.
+    entries (about 1.3 times as many), gathered through one flat index into a narrow block and
+    partitioned there (sorted, with ``ordered``); rows where the sample guessed too low are done
+    in full. This costs about half of an ``argpartition`` of the whole rows (a third, ordered,
+    of what sorting them would).
     """
     n_rows, N = keys.shape
     target = n_keep + 1
+
+    def first(block: np.ndarray) -> np.ndarray:
+        """Column order of each row's ``target`` smallest (the last one the next value)."""
+        if ordered or block.shape[1] <= n_keep:
+            return np.argsort(block, axis=1)[:, :target]
+        return np.argpartition(block, n_keep, axis=1)[:, :target]
+
     cand = np.empty((n_rows, n_keep), dtype=np.int64)
     cvals = np.empty((n_rows, n_keep), dtype=keys.dtype)
     nxt = np.full(n_rows, np.inf, dtype=keys.dtype)
-    if 4 * target > N:  # a threshold would keep too much to save anything
-        order = np.argsort(keys, axis=1)[:, : min(target, N)]
-        cand[...] = order[:, :n_keep]
-        cvals[...] = np.take_along_axis(keys, cand, axis=1)
-        if target <= N:
-            nxt[...] = np.take_along_axis(keys, order[:, n_keep : n_keep + 1], axis=1)[:, 0]
+
+    def keep(rows: Any, block: np.ndarray, cols: np.ndarray | None) -> None:
+        order = first(block)
+        picked = order[:, :n_keep]
+        cand[rows] = picked if cols is None else np.take_along_axis(cols, picked, axis=1)
+        cvals[rows] = np.take_along_axis(block, picked, axis=1)
+        if order.shape[1] == target:
+            nxt[rows] = np.take_along_axis(block, order[:, n_keep:target], axis=1)[:, 0]
+
+    if (4 if ordered else 10) * target > N:  # a threshold would keep too much to save anything
+        keep(slice(None), keys, None)
         return cand, cvals, nxt
-    stride = max(1, target // 128)
+    stride = max(1, target // (128 if ordered else 64))
     sample = keys[:, ::stride]
     expected = target / stride  # rank of the wanted boundary within the sample
     rank = min(sample.shape[1] - 1, int(math.ceil(1.1 * expected + 2.0 * math.sqrt(expected))) + 1)
@@ -334,17 +295,10 @@ def _select_sorted(keys: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarra
         padded[place] = keys.ravel()[flat]
         flat -= np.repeat(row_start * N, counts)  # now the column of each kept entry
         padded_cols[place] = flat
-        padded = padded.reshape(n_rows, width)[good]
-        padded_cols = padded_cols.reshape(n_rows, width)[good]
-        order = np.argsort(padded, axis=1)[:, :target]
-        cand[good] = np.take_along_axis(padded_cols, order[:, :n_keep], axis=1)
-        cvals[good] = np.take_along_axis(padded, order[:, :n_keep], axis=1)
-        nxt[good] = np.take_along_axis(padded, order[:, n_keep:target], axis=1)[:, 0]
+        keep(good, padded.reshape(n_rows, width)[good],
+             padded_cols.reshape(n_rows, width)[good])
     if bad.size:
-        order = np.argsort(keys[bad], axis=1)[:, :target]
-        cand[bad] = order[:, :n_keep]
-        cvals[bad] = np.take_along_axis(keys[bad], order[:, :n_keep], axis=1)
-        nxt[bad] = np.take_along_axis(keys[bad], order[:, n_keep:target], axis=1)[:, 0]
+        keep(bad, keys[bad], None)
     return cand, cvals, nxt
 
 
@@ -485,7 +439,7 @@ def _take_smallest(
     self_cols = np.arange(i0, i0 + n_rows)
     saved = keys[rows, self_cols].copy()
     keys[rows, self_cols] = -np.inf
-    cand, cvals, nxt = (_select_sorted if ordered else _select_smallest)(keys, n_keep)
+    cand, cvals, nxt = _select(keys, n_keep, ordered)
     keys[rows, self_cols] = saved
     r, c = np.nonzero(cand == self_cols[:, None])
     cvals[r, c] = saved[r]
