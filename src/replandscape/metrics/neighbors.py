@@ -952,6 +952,21 @@ def _exact_knn(
                 extra,
             )
 
+    return _finish(dist_sq, ind, backend, keep_workspace, info, timings, extra, t_start)
+
+
+def _finish(
+    dist_sq: np.ndarray,
+    ind: np.ndarray,
+    backend: _Backend,
+    keep_workspace: bool,
+    info: MutableMapping[str, Any] | None,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+    t_start: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The end of every search: the workspace released (unless kept), distances from their
+    squares in place, and the timings and settings reported into ``info``."""
     if not keep_workspace:
         release_workspace()
     dist = np.sqrt(dist_sq, out=dist_sq)
@@ -1011,13 +1026,7 @@ def _exact_knn_ranks(
             np.subtract(X, shift, out=Xc, casting="unsafe")
             _exhaustive_rows(backend, Xc, failed, sq64, groups, k, dist_sq, ind, block_rows, workers)
         timings["fallback_float64"] = time.perf_counter() - t0
-    if not keep_workspace:
-        release_workspace()
-    dist = np.sqrt(dist_sq, out=dist_sq)
-    if info is not None:
-        timings["total"] = time.perf_counter() - t_start
-        info.update(backend=backend.name, seconds=timings, **extra)
-    return dist, ind
+    return _finish(dist_sq, ind, backend, keep_workspace, info, timings, extra, t_start)
 
 
 def exact_knn_rows(
