@@ -30,7 +30,9 @@ demo: setup
 	$(VENV)/bin/replandscape demo --out $(DEMO_OUT)
 
 demo-slurm: setup
-	$(VENV)/bin/replandscape demo --out $(DEMO_OUT)-slurm cluster=local-slurm
+	bash slurm/cluster.sh start
+	eval "$$(bash slurm/cluster.sh env)" && \
+		$(VENV)/bin/replandscape demo --out $(DEMO_OUT)-slurm cluster=local-slurm
 
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

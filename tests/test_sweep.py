@@ -304,3 +304,18 @@ def test_an_unfinished_finetune_is_not_done_for_submit_or_status(tmp_path: Path)
     assert seen() == (False, "0/1")
     result.write_text(kept[: len(kept) // 2])  # a damaged marker is not a finished run either
     assert seen() == (False, "0/1")
+
+
+def test_an_unreachable_slurm_is_one_line_before_anything_is_queued(tmp_path: Path) -> None:
+    """sinfo failing (no controller, no config) is refused in one line naming the fix, and no
+    job is queued nor any record written."""
+    import shutil
+
+    if shutil.which("sinfo") is None:
+        pytest.skip("no Slurm client here")
+    cfg = tiny_config(tmp_path)
+    proc = cli("submit", str(cfg), "cluster=local-slurm",
+               SLURM_CONF=str(tmp_path / "no-such-slurm.conf"))
+    line = one_line_error(proc)
+    assert "Slurm does not answer" in line and "slurm/cluster.sh env" in line
+    assert not list((tmp_path / "out").glob("sweep-*.json"))

@@ -27,6 +27,7 @@ from replandscape.sweep import (
     output_complete,
     plan_sweep,
     single_experiment,
+    slurm_fix,
 )
 
 TERMINAL_OK = ("COMPLETED",)
@@ -90,8 +91,22 @@ def _executor(job: JobSpec, folder: Path, dependency: str | None) -> Any:
     return ex
 
 
+class _SubmitFailed(Exception):
+    """sbatch refused a job: the record of what was queued before it, and why."""
+
+    def __init__(self, record: dict[str, Any], key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.record, self.key, self.reason = record, key, reason
+
+
 def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str, Any]:
-    """Submit every incomplete job, chained with afterok; returns the record written to disk."""
+    """Submit every incomplete job, chained with afterok; returns the record written to disk.
+
+    Raises:
+        _SubmitFailed: sbatch refused a job (or is missing); carries the record so far.
+    """
+    from submitit.core.utils import FailedJobError
+
     ids: dict[str, list[str]] = {}
     record: dict[str, Any] = {"sweep": sweep.name, "source": sweep.source,
                               "output_root": str(sweep.output_root), "submitted": time.time(),
@@ -104,22 +119,32 @@ def submit_plan(sweep: Sweep, jobs: Sequence[JobSpec], folder: Path) -> dict[str
         parents = [i.split("_")[0] for d in job.depends_on for i in ids.get(d, [])]
         dependency = f"afterok:{':'.join(dict.fromkeys(parents))}" if parents else None
         ex = _executor(job, folder, dependency)
-        if job.stage == "figures":
-            results = [str(Path(j.outputs[0])) for j in jobs if j.stage == "analyze"]
-            cfg = sweep.experiments[0].cfg
-            handles = [ex.submit(SweepFiguresJob(), results, job.outputs[0],
-                                 list(cfg.figures.what), list(cfg.figures.formats))]
-        elif job.array:
-            with ex.batch():
-                handles = [ex.submit(StageJob(), job.stage, job.config_file,
-                                     [*job.overrides, *extra]) for extra in job.array]
-        else:
-            handles = [ex.submit(StageJob(), job.stage, job.config_file, list(job.overrides))]
+        try:
+            handles = _submit_job(ex, job, jobs, sweep)
+        except (FailedJobError, OSError) as exc:
+            said = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise _SubmitFailed(record, job.key, said[-1] if said else type(exc).__name__) \
+                from None
         entry["job_ids"] = [h.job_id for h in handles]
         entry["task_outputs"] = list(job.array_outputs) if job.array else list(job.outputs[:1])
         entry["logs"] = [str(h.paths.stderr) for h in handles]
         ids[job.key] = entry["job_ids"]
     return record
+
+
+def _submit_job(ex: Any, job: JobSpec, jobs: Sequence[JobSpec], sweep: Sweep) -> list[Any]:
+    """Queue one job (each task of an array) through its executor; the submitit handles."""
+    if job.stage == "figures":
+        results = [str(Path(j.outputs[0])) for j in jobs if j.stage == "analyze"]
+        cfg = sweep.experiments[0].cfg
+        return [ex.submit(SweepFiguresJob(), results, job.outputs[0],
+                          list(cfg.figures.what), list(cfg.figures.formats))]
+    if job.array:
+        with ex.batch():
+            handles = [ex.submit(StageJob(), job.stage, job.config_file,
+                                 [*job.overrides, *extra]) for extra in job.array]
+        return handles
+    return [ex.submit(StageJob(), job.stage, job.config_file, list(job.overrides))]
 
 
 def record_entry(job: JobSpec) -> dict[str, Any]:
@@ -151,7 +176,7 @@ def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
                         file=where, key="cluster.executor",
                         fix="add cluster=local-slurm (or your site's profile) to the command")
     assert cluster.partition is not None
-    check_partition(cluster.partition, where)
+    check_partition(cluster.partition, where, cluster.name)
     check_outputs_free(sweep)
     check_not_running(sweep)
     from replandscape.data import check_config_against_data
@@ -162,8 +187,16 @@ def submit(sweep: Sweep, *, dry_run: bool = False, wait: bool = False,
     folder = sweep.output_root / "slurm-logs"
     for exp in sweep.experiments:  # the experiment's own config, not an array task's
         save_resolved(exp.cfg, exp.cfg.output_dir)
-    record = submit_plan(sweep, jobs, folder)
     path = sweep_record_path(sweep.output_root, sweep.name)
+    try:
+        record = submit_plan(sweep, jobs, folder)
+    except _SubmitFailed as failed:
+        # what was queued is recorded, so that status and a re-submission see it
+        path.write_text(json.dumps(failed.record, indent=1))
+        queued = sum(len(j["job_ids"]) for j in failed.record["jobs"])
+        raise UserError(f"sbatch refused job {failed.key} ({failed.reason}); {queued} job(s) "
+                        "were queued before it", file=where, key="cluster",
+                        fix=slurm_fix(cluster.name)) from None
     path.write_text(json.dumps(record, indent=1))
     queued = sum(len(j["job_ids"]) for j in record["jobs"])
     print(f"submitted {queued} job(s) of sweep {sweep.name}; status: replandscape status "

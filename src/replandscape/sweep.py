@@ -638,18 +638,33 @@ def _complete_h5(path: Path) -> bool:
         return False
 
 
-def check_partition(partition: str, where: str) -> None:
-    """Refuse a partition the cluster does not have (when sinfo is here to ask)."""
+def slurm_fix(profile: str) -> str:
+    """How to reach the cluster of ``profile`` when its tools cannot."""
+    if profile == "local-slurm":
+        return ('start the local cluster and point the tools at it: bash slurm/cluster.sh start '
+                '&& eval "$(bash slurm/cluster.sh env)" (make demo-slurm does both)')
+    return "check that sinfo and sbatch work on this host (module load slurm, SLURM_CONF)"
+
+
+def check_partition(partition: str, where: str, profile: str = "") -> None:
+    """Refuse, before anything is queued, a cluster whose controller does not answer and a
+    partition it does not have (when sinfo is here to ask)."""
     sinfo = shutil.which("sinfo")
     if sinfo is None:
         return
     try:
         out = subprocess.run([sinfo, "-h", "-o", "%R"], capture_output=True, text=True,
                              timeout=30)
+    except subprocess.TimeoutExpired:
+        # sbatch would hang the same way (e.g. looking for a controller that is not there)
+        raise UserError("Slurm does not answer here (sinfo: no answer in 30 s)", file=where,
+                        key="cluster", fix=slurm_fix(profile)) from None
     except (OSError, subprocess.SubprocessError):
         return
     if out.returncode != 0:
-        return
+        said = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()]
+        raise UserError(f"Slurm does not answer here (sinfo: {said[-1] if said else 'failed'})",
+                        file=where, key="cluster", fix=slurm_fix(profile))
     names = {p.strip().rstrip("*") for p in out.stdout.split()}
     if names and partition not in names:
         raise UserError(f"partition '{partition}' does not exist on this cluster",
