@@ -107,13 +107,40 @@ def test_shapes_and_fast_equals_full(model: Any) -> None:
         _assert_close(getattr(fast, name), getattr(full, name))
     # something was patched: not every effect is 0
     assert np.abs(full.heads).max() > 1e-3 and np.abs(full.mlp).max() > 1e-3
-    # several pairs of one length in one batch, one block per batch or all blocks in one: the
-    # same numbers as one pair at a time
-    for kwargs in ({"pair_batch": 3}, {"max_queries": 1}, {"pair_batch": 4, "max_queries": 1000}):
+    # several pairs of one length in one batch, one block per batch (max_queries 1), two blocks
+    # and one (pair_batch 3 on the CPU packs blocks 0-1, then 2) or all blocks in one: the same
+    # numbers as one pair at a time
+    for kwargs in ({"pair_batch": 3}, {"max_queries": 1},
+                   {"pair_batch": 4, "max_queries": 1000, "query_width": 1000}):
         batched = activation_patching(model, pairs, **kwargs)  # type: ignore[arg-type]
         for name in ("heads", "mlp", "resid"):
             _assert_close(getattr(batched, name), getattr(fast, name))
     assert model.config._attn_implementation != "replandscape_shared_prefix"
+
+
+def test_blocks_are_packed_at_the_least_cost() -> None:
+    """A batch over blocks a.. costs (L - a) x max(rows, width): narrow blocks pack, wide ones
+    split, the cap holds, and without replay everything packs up to the cap."""
+    from replandscape.patching import pack_blocks
+
+    firsts, L = [0, 1, 2], 3
+    assert pack_blocks(firsts, [18, 18, 18], L, cap=256, width=32) == [[0, 1], [2]]
+    assert pack_blocks(firsts, [300, 300, 300], L, cap=1000, width=32) == [[0], [1], [2]]
+    assert pack_blocks(firsts, [10, 10, 10], L, cap=1000, width=1000) == [[0, 1, 2]]
+    assert pack_blocks(firsts, [10, 10, 10], L, cap=15, width=1000) == [[0], [1], [2]]
+    assert pack_blocks(firsts, [10, 10, 10], L, cap=1000, width=32, replay=False) == [[0, 1, 2]]
+    # brute force over every split of 6 blocks: the programme finds the cheapest
+    import itertools
+
+    rows, n = [5, 40, 12, 70, 3, 33], 8
+    firsts6 = [1, 2, 4, 5, 6, 7]
+
+    def cost(groups: list[list[int]]) -> float:
+        return sum((n - firsts6[g[0]]) * max(sum(rows[i] for i in g), 24) for g in groups)
+
+    best = min(cost([list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, 6))])
+               for r in range(6) for cuts in itertools.combinations(range(1, 6), r))
+    assert cost(pack_blocks(firsts6, rows, n, cap=10**6, width=24)) == best
 
 
 def test_blocks_below_the_patched_one_are_not_recomputed(model: Any) -> None:

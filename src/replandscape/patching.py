@@ -37,12 +37,14 @@ Three ways to compute the effects:
   layer types, and keeps DeepSpeed ZeRO-3's root-module hooks in their order. The blocks below
   the lowest block a batch patches are not recomputed: their forward is replaced, for that call,
   by one returning the base query's clean output of the block under it (recorded once per pair
-  group), so with one block per batch a query runs ``(L + 1) / 2`` blocks on average. How the queries read the prefix (:class:`_PrefixCaches`):
+  group), so with one block per batch a query runs ``(L + 1) / 2`` blocks on average. How the
+  queries read the prefix (:class:`_PrefixCaches`):
   *shared* (Llama, Mistral, Qwen2, GPT-NeoX with plain cache layers): the model's attention is
   switched, for the query calls only, to :func:`_shared_prefix_attention`, registered with
   transformers' ``AttentionInterface``, which reads each pair's prefix keys and values once per
   layer for all its queries (one matrix product per key/value head) and adds each row's own new
-  key; consecutive blocks are packed into one batch up to ``max_queries`` rows. *buffer*
+  key; consecutive blocks are packed into batches by :func:`pack_blocks` (the cheapest split
+  between reading the weights fewer times and skipping more lower blocks). *buffer*
   (GPT-Neo, whose attention is its own code): the prefix is tiled once into a per-layer buffer
   whose last slot each query writes; one block per batch. *expand* (sliding-window cache layers):
   the prefix cache expanded over the rows (views) and the layer's own ``update``; one block per
@@ -60,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -281,7 +284,8 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], *, method: Meth
                         direction: Direction = "noise", positions: Positions = "last",
                         components: Sequence[str] = COMPONENTS, pair_batch: int = 1,
                         layers: Sequence[int] | None = None,
-                        max_queries: int = 256) -> PatchingResult:
+                        max_queries: int = 256,
+                        query_width: int | None = None) -> PatchingResult:
     """Exact activation patching of every head, MLP output and residual stream, per pair.
 
     Args:
@@ -298,9 +302,12 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], *, method: Meth
         layers: The blocks whose components are patched (default all); the others' entries
             stay NaN. Residual ``L`` (leaving the last block) belongs to block ``L - 1``.
         max_queries: ``last_token`` with the shared-prefix attention (Llama, Mistral, Qwen2,
-            GPT-NeoX): consecutive blocks share one batch of single-token queries while it holds
-            at most this many rows (a block never splits; default 256). Fewer, larger batches
-            read the weights fewer times. Other models run one block per batch.
+            GPT-NeoX): the most rows a batch of single-token queries holds (memory; a block
+            never splits; default 256). Consecutive blocks are packed into batches by
+            :func:`pack_blocks`: fewer, larger batches read the weights fewer times, smaller
+            ones skip more lower blocks. Other models run one block per batch.
+        query_width: the rows a block needs to use its weights fully, for the packing (default
+            256 on a CUDA device, 32 on the CPU).
 
     Returns:
         The patched logit differences and the unpatched ones; ``.heads``, ``.mlp``, ``.resid``
@@ -341,7 +348,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], *, method: Meth
                                       last_only=positions == "last")
             ld_source[group] = _logit_diff(src_logits, good, bad).cpu().double().numpy()
             base_ld, lds = run(model, sites, base_ids, src, good, bad, components, positions,
-                               blocks, max_queries)
+                               blocks, max_queries, query_width)
             ld_base[group] = base_ld.cpu().double().numpy()
             for name, values in lds.items():
                 out[name][group] = values.cpu().double().numpy()
@@ -428,7 +435,8 @@ def _ld_tensors(sites: ModelSites, n_pairs: int, components: Sequence[str],
 def _full_group(model: Any, sites: ModelSites, base_ids: torch.Tensor,
                 src: dict[tuple[str, int], torch.Tensor], good: torch.Tensor, bad: torch.Tensor,
                 components: Sequence[str], positions: str, blocks: Sequence[int],
-                max_queries: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                max_queries: int,
+                query_width: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reference: one forward of the base prompts per component."""
     n_pairs = base_ids.shape[0]
     base_ld = _logit_diff(_forward(model, base_ids).logits[:, -1], good, bad)
@@ -709,30 +717,78 @@ def _replayed_below(outputs: _BlockOutputs, first: int, reps: int) -> Iterator[N
                 block.forward = old
 
 
+def pack_blocks(firsts: Sequence[int], rows: Sequence[int], n_blocks: int, *, cap: int,
+                width: int, replay: bool = True) -> list[list[int]]:
+    """Consecutive patched blocks grouped into query batches, cheapest first.
+
+    A batch whose lowest patched block is ``a`` runs blocks ``a .. n_blocks - 1`` (all of them
+    without ``replay``) for its rows, and a block over fewer than ``width`` rows costs as much
+    as over ``width`` (below that the weights, read once per batch, bound it). So a batch costs
+    ``(n_blocks - a) x max(rows, width)``: packing blocks saves weight reads, splitting them
+    saves the lower blocks; the partition of least total cost is found exactly (a dynamic
+    programme over the ``len(firsts)`` blocks). A batch holds at most ``cap`` rows unless one
+    block alone has more (a block never splits).
+
+    Args:
+        firsts: Each patched block's index, increasing.
+        rows: Each one's query rows (components x pairs).
+        n_blocks: The model's blocks.
+        cap: Rows a batch may hold (memory).
+        width: Rows a block needs to use its weights fully.
+        replay: Whether the blocks below a batch's lowest are replayed, not run.
+
+    Returns:
+        Lists of indices into ``firsts``, in order.
+    """
+    k = len(firsts)
+    best = [0.0] + [math.inf] * k
+    start = [0] * (k + 1)
+    for j in range(1, k + 1):
+        total = 0
+        for i in range(j - 1, -1, -1):  # the last batch holds blocks i .. j - 1
+            total += rows[i]
+            if total > cap and i < j - 1:
+                break
+            depth = n_blocks - firsts[i] if replay else n_blocks
+            cost = best[i] + depth * max(total, width)
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups: list[list[int]] = []
+    j = k
+    while j > 0:
+        groups.append(list(range(start[j], j)))
+        j = start[j]
+    return groups[::-1]
+
+
 def _last_token_group(model: Any, sites: ModelSites, base_ids: torch.Tensor,
                       src: dict[tuple[str, int], torch.Tensor], good: torch.Tensor,
                       bad: torch.Tensor, components: Sequence[str], positions: str,
-                      blocks: Sequence[int],
-                      max_queries: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      blocks: Sequence[int], max_queries: int,
+                      query_width: int | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Exact last-position patching: the prefix once with the cache, then the blocks' components
     as batches of single-token queries (one block per batch at least)."""
     n_pairs, width = base_ids.shape
     prefix = _forward(model, base_ids[:, :-1], use_cache=True)
     caches = _PrefixCaches(model, sites, prefix.past_key_values, n_pairs)
-    # row blocks (components) per batch: in shared mode a query costs no copy of the prefix, so
-    # blocks are packed; the buffer and expand modes hold a prefix per query: one block a batch
-    capacity = max(1, max_queries // n_pairs) if caches.mode == "shared" else 1
-    per_batch: list[list[tuple[str, int, int | None]]] = []
-    for layer in blocks:
-        rows = _layer_rows(sites, layer, components)
-        if per_batch and len(per_batch[-1]) + len(rows) <= capacity:
-            per_batch[-1].extend(rows)
-        elif rows:
-            per_batch.append(list(rows))
-    caches.prepare(max([1, *(len(rows) for rows in per_batch)]))
-    last = base_ids[:, -1:]
     outputs = _BlockOutputs(sites)
     outputs.replayable = not getattr(model.config, "output_attentions", False)
+    # row blocks (components) per batch: in shared mode a query costs no copy of the prefix, so
+    # blocks are packed; the buffer and expand modes hold a prefix per query: one block a batch
+    per_block = [rows for rows in (_layer_rows(sites, layer, components) for layer in blocks)
+                 if rows]
+    if caches.mode == "shared":
+        full = query_width if query_width is not None else \
+            (256 if base_ids.device.type == "cuda" else 32)
+        groups = pack_blocks([rows[0][1] for rows in per_block],
+                             [len(rows) * n_pairs for rows in per_block], sites.n_blocks,
+                             cap=max_queries, width=full, replay=outputs.replayable)
+    else:
+        groups = [[i] for i in range(len(per_block))]
+    per_batch = [[row for i in group for row in per_block[i]] for group in groups]
+    caches.prepare(max([1, *(len(rows) for rows in per_batch)]))
+    last = base_ids[:, -1:]
     with caches.queries(), _hooks(outputs.hooks()):
         step = _forward(model, last, start=width - 1, past=caches.get(1))
     base_ld = _logit_diff(step.logits[:, -1], good, bad)
