@@ -840,6 +840,14 @@ def exact_knn(
         )
 
 
+def _check_squares(X: np.ndarray, sq64: np.ndarray) -> None:
+    """Refuse points whose squared norms (after the shift) are not finite, saying why."""
+    if not np.isfinite(sq64).all():
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values")
+        raise ValueError("X has values too large to square in float64")
+
+
 def _exact_knn(
     X: np.ndarray,
     k: int,
@@ -882,10 +890,7 @@ def _exact_knn(
     Xc = _workspace("points", (N, D), np.float64)
     np.subtract(X, shift, out=Xc, casting="unsafe")
     sq64 = np.einsum("ij,ij->i", Xc, Xc)
-    if not np.isfinite(sq64).all():
-        if not np.isfinite(X).all():
-            raise ValueError("X contains NaN or infinite values")
-        raise ValueError("X has values too large to square in float64")
+    _check_squares(X, sq64)
     groups = duplicate_groups(X)
     timings["prepare"] = time.perf_counter() - t0
 
@@ -1004,10 +1009,7 @@ def _exact_knn_ranks(
         block = np.subtract(X[s : s + step], shift, dtype=np.float64)
         sq64[s : s + step] = np.einsum("ij,ij->i", block, block)
         X32[s : s + step] = block
-    if not np.isfinite(sq64).all():
-        if not np.isfinite(X).all():
-            raise ValueError("X contains NaN or infinite values")
-        raise ValueError("X has values too large to square in float64")
+    _check_squares(X, sq64)
     groups = duplicate_groups(X)
     timings["prepare"] = time.perf_counter() - t0
 

@@ -212,11 +212,12 @@ def _lockstep_schedule(todo: Sequence[int], units: Sequence[Unit], pair_batch: i
 
 
 def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index: int,
-                    device: str, info: torchdist.RankInfo) -> Path | None:
+                    device: str, info: torchdist.RankInfo, n_blocks: int) -> Path | None:
     """Patch this run's share of one condition's pairs (every pair without ``patch.part``) and,
     without ``patch.part``, gather them into ``patching/<name>.h5``; resumes a partial run.
 
     Returns the condition's file, or None when this run (an array task) only computed its share.
+    ``n_blocks`` is the model's decoder block count (for the block groups).
     """
     import torch
 
@@ -237,7 +238,6 @@ def patch_condition(cfg: ExperimentConfig, condition: Condition, condition_index
         raise UserError("the output already holds the effects of another config",
                         file=str(final), key="stage_hash",
                         fix="use another run.output_dir or delete the file")
-    n_blocks = _n_blocks(path, cfg.model.revision)
     parts = out / f"{condition.name}.parts"
     units = work_units(pairs.pairs, cfg.patch.pair_batch, n_blocks, cfg.patch.layer_groups)
     todo: list[int] = []
@@ -447,7 +447,8 @@ def run(cfg: ExperimentConfig) -> Path:
     with rank0_stage_lock(cfg.output_dir / "patching", lock), inference_memory(cfg):
         files: dict[str, Path] = {}
         for i, cond in enumerate(conditions(cfg)):
-            done = patch_condition(cfg, cond, i, device, info)
+            # every condition is the experiment's model, fine-tuned or not: its block count
+            done = patch_condition(cfg, cond, i, device, info, n_blocks)
             if done is not None:
                 files[cond.name] = done
                 torchdist.print0(f"[patch] {cond.name}: {done}")
