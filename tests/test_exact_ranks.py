@@ -145,3 +145,25 @@ def test_an_unknown_dadapy_release_gets_whole_exact_lists(monkeypatch: pytest.Mo
     monkeypatch.setattr(geometry, "ADP_REPLAY_VERSIONS", ())
     compute_geometry(X, {"subject": labels}, params)
     assert calls and all("exact_ranks" not in c for c in calls)
+
+
+def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that keeps freed memory (the analysis stage, ``metrics``) drops the stored key
+    matrix and the float32 points when the search is done with them, so that the neighbour lists
+    reuse their pages; elsewhere they are kept for the next call. Same neighbours either way,
+    and ``distinct=True`` (the caller removed duplicates) changes nothing on distinct rows."""
+    from replandscape.metrics import neighbors
+
+    X, labels = planted(1200, 64, 8, seed=11)
+    cuts = [np.full(len(X), 40)]
+    neighbors.release_workspace()
+    kept = exact_knn(X, 150, exact_ranks=16, exact_cuts=cuts)
+    assert {"matrix", "points32"} <= set(neighbors._WORKSPACE)
+    neighbors.release_workspace()
+    monkeypatch.setattr(neighbors, "retaining", lambda: True)
+    dropped = exact_knn(X, 150, exact_ranks=16, exact_cuts=cuts, distinct=True)
+    assert not {"matrix", "points32"} & set(neighbors._WORKSPACE)
+    for a, b in zip(kept, dropped):
+        np.testing.assert_array_equal(a, b)

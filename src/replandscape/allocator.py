@@ -47,6 +47,13 @@ def retain_freed_memory() -> bool:
     return _applied
 
 
+def retaining() -> bool:
+    """Whether this process keeps freed memory (:func:`retain_freed_memory` took effect): then an
+    array freed early lends its already-touched pages to the next allocations, which a buffer
+    kept for later cannot do."""
+    return _applied
+
+
 _M_MMAP_THRESHOLD = -3
 # glibc's own ceiling for its sliding mmap threshold on 64-bit systems
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20

@@ -227,7 +227,9 @@ def _check_input(
     # block, and a float64 copy of a whole site (300 MB at N = 9181, D = 4096) would only cost
     # its allocation, its first touch and its copy. Integers become float64.
     Xf = X if np.issubdtype(X.dtype, np.floating) else np.asarray(X, dtype=np.float64)
-    if not np.isfinite(Xf).all():
+    # block by block: one pass in cache, no N x D mask to allocate
+    step = max(1, 2**18 // Xf.shape[1])
+    if not all(np.isfinite(Xf[s : s + step]).all() for s in range(0, Xf.shape[0], step)):
         bad = int((~np.isfinite(Xf).all(axis=1)).sum())
         raise UserError(
             f"{bad} rows contain NaN or infinite values", key="X", fix="drop or repair those rows"
@@ -507,11 +509,11 @@ def compute_geometry(
                 dist, ind = exact_knn(
                     Xu, k_search, threads=params.threads, device=params.device,  # type: ignore[arg-type]
                     exact_ranks=R, exact_cuts=[np.minimum(c, k_search) for c in cuts],
-                    info=search_info,
+                    info=search_info, distinct=True,
                 )
                 partial = search_info.get("strategy") == "float32-ranks"
             else:
-                dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+                dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device, distinct=True)  # type: ignore[arg-type]
             # imported only now: importing dadapy takes seconds (it loads jax), which a caller
             # may have started in another thread while the search ran (``replandscape metrics``)
             from dadapy import Data
@@ -527,7 +529,7 @@ def compute_geometry(
                 scratch.compute_density_kNN(k=params.density_k)
                 rows = _adp_rows_past(ind[:, :m], scratch, params.Z, R, exact_row)
                 if rows is None:  # not decidable: every row exact
-                    dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device)  # type: ignore[arg-type]
+                    dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device, distinct=True)  # type: ignore[arg-type]
                     break
                 if not rows.size:
                     break

@@ -47,6 +47,7 @@ rounding of the unshifted formula: about 1e-6 instead of 0 for a point to itself
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -59,6 +60,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from replandscape.allocator import retaining
 from replandscape.metrics.blas import accumulator, chosen_library, product_nt
 
 Device = Literal["cpu", "torch", "cuda", "auto"]
@@ -74,6 +76,7 @@ _RERANK_COST = 4.5
 _HASH_COLUMNS = 256
 # float32 products are summed over chunks of this many columns (a tighter error bound)
 _CHUNK_K = 256
+_PANEL_ROWS = 512  # rows of each product of the stored matrix (one panel)
 _BAND_ROWS = 32  # rows whose cut-band points are multiplied together
 _BAND_COLUMNS = 512  # columns of those products at a time
 
@@ -84,6 +87,7 @@ _WORKSPACE: dict[str, np.ndarray] = {}
 
 
 def _workspace(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Scratch memory kept between calls under ``name``."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = _WORKSPACE.get(name)
     if buf is None or buf.size < nbytes:
@@ -91,6 +95,18 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         buf = np.empty(nbytes, dtype=np.uint8)
         _WORKSPACE[name] = buf
     return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Scratch memory that is dropped as soon as the caller is done with it, in a process that
+    keeps freed memory (:func:`allocator.retaining`): its pages, touched once, then serve the
+    arrays allocated after it in the same call (the neighbour lists, the re-ranking's blocks),
+    where kept scratch memory would make those touch fresh pages on a first call; and the next
+    call finds them in the heap all the same. Elsewhere, kept scratch memory (:func:`_workspace`).
+    """
+    if retaining():
+        return np.empty(shape, dtype=dtype)
+    return _workspace(name, shape, dtype)
 
 
 def release_workspace() -> None:
@@ -193,19 +209,24 @@ def deduplicate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return X[kept], kept, int(X.shape[0] - kept.size)
 
 
-def _shift(X: np.ndarray) -> np.ndarray:
+def _shift(X: np.ndarray, workers: int = 1) -> np.ndarray:
     """The float32-rounded column mean that the engine subtracts, in float64.
 
     Rows are cast to float64 block by block and summed in a fixed order, so the value depends
     only on the numbers in ``X``, not on its dtype: a float32 array and its float64 copy (the
     analysis's other ranks hold the copy) get the same shift, hence bit-identical distances. A
-    float32 shift keeps ``x - shift`` exact in float64 for float32-valued data.
+    float32 shift keeps ``x - shift`` exact in float64 for float32-valued data. The blocks' sums
+    may come from ``workers`` threads: they are added in block order all the same.
     """
     N, D = X.shape
     step = max(1, (8 * 2**20) // (8 * D))
+    sums = _run_parallel(
+        lambda s: np.asarray(X[s : s + step], dtype=np.float64).sum(axis=0),
+        range(0, N, step), workers,
+    )
     total = np.zeros(D, dtype=np.float64)
-    for s in range(0, N, step):
-        total += np.asarray(X[s : s + step], dtype=np.float64).sum(axis=0)
+    for part in sums:
+        total += part
     return (total / N).astype(np.float32).astype(np.float64)
 
 
@@ -553,28 +574,28 @@ class _NumpyBackend:
                 ckey[i0:i1] = keys
 
         if symmetric:
-            # each product block fills two blocks of rows of the stored matrix; the blocks of
-            # a row of blocks go to one worker, largest rows first
-            full = _workspace("matrix", (N, N), dtype)
+            # a panel of rows times every row from its first on: one product, which fills the
+            # panel's rows of the stored matrix right of its diagonal block and, transposed, the
+            # panel's columns below it; panels go to the workers largest first (one product per
+            # panel runs 5-10% faster than one per square block, which packs the rows again)
+            full = _scratch("matrix", (N, N), dtype)
+            panel = min(block_rows, _PANEL_ROWS)
+            panels = list(range(0, N, panel))
             tiles = (
-                _BufferPool("tile", (block_rows, block_rows), dtype, workers)
+                _BufferPool("tile", (panel, N), dtype, workers)
                 if chunk_k is not None and accumulate is None
                 else None
             )
 
-            def products(a: int) -> None:
-                i0, i1 = starts[a], min(starts[a] + block_rows, N)
+            def products(i0: int) -> None:
+                i1 = min(i0 + panel, N)
                 with contextlib.ExitStack() as stack:
                     scratch = stack.enter_context(tiles.take()) if tiles is not None else None
-                    for j0 in starts[a:]:
-                        j1 = min(j0 + block_rows, N)
-                        out = full[i0:i1, j0:j1]
-                        _product_summed(X[i0:i1], X[j0:j1], out, chunk_k, scratch, accumulate)
-                        if j0 != i0:
-                            _copy_transposed(out, full[j0:j1, i0:i1])
+                    _product_summed(X[i0:i1], X[i0:], full[i0:i1, i0:], chunk_k, scratch, accumulate)
+                    _copy_transposed(full[i0:i1, i1:], full[i1:, i0:i1])
 
             t0 = time.perf_counter()
-            _run_parallel(products, range(len(starts)), workers)
+            _run_parallel(products, panels, workers)
             self.seconds["products"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             _run_parallel(
@@ -757,6 +778,7 @@ def exact_knn(
     exact_ranks: int | None = None,
     exact_cuts: Sequence[int | np.ndarray] = (),
     info: MutableMapping[str, Any] | None = None,
+    distinct: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row of ``X``, as an exact float64 search finds them
     (by default; ``exact_ranks`` asks for less).
@@ -803,6 +825,8 @@ def exact_knn(
             (the overlap's ``int(fraction x class size)`` of the row's class).
         info: if given, filled with the back end, the strategy, the candidate count, the
             float32 error bound, the rows that needed the fallback and timings in seconds.
+        distinct: the caller vouches that no two rows of ``X`` are equal (as
+            :func:`deduplicate` leaves them), which saves looking for duplicates.
 
     Returns:
         ``(dist, ind)``, both ``[N, k + 1]``: float64 Euclidean distances and int64 indices,
@@ -836,7 +860,7 @@ def exact_knn(
     with _page_size(huge_pages):
         return _exact_knn(
             X, k, block_rows, threads, device, strategy, margin, memory_limit_gb,
-            keep_workspace, info, t_start, exact_ranks, cuts,
+            keep_workspace, info, t_start, exact_ranks, cuts, distinct,
         )
 
 
@@ -862,6 +886,7 @@ def _exact_knn(
     t_start: float,
     exact_ranks: int | None = None,
     cuts: Sequence[np.ndarray] = (),
+    distinct: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_knn` once its arguments are checked."""
     N, D = X.shape
@@ -880,7 +905,7 @@ def _exact_knn(
     ):
         return _exact_knn_ranks(
             X, k, n_cand, exact_ranks, cuts, backend, block_rows, threads, memory_limit_gb,
-            keep_workspace, info, t_start,
+            keep_workspace, info, t_start, distinct,
         )
 
     t0 = time.perf_counter()
@@ -891,7 +916,7 @@ def _exact_knn(
     np.subtract(X, shift, out=Xc, casting="unsafe")
     sq64 = np.einsum("ij,ij->i", Xc, Xc)
     _check_squares(X, sq64)
-    groups = duplicate_groups(X)
+    groups = np.arange(N) if distinct else duplicate_groups(X)
     timings["prepare"] = time.perf_counter() - t0
 
     fits = memory_limit_gb * 2**30 >= N * N * 8
@@ -981,6 +1006,17 @@ def _finish(
     return dist, ind
 
 
+def _shift_rows(
+    X: np.ndarray, shift: np.ndarray, sq64: np.ndarray, out: np.ndarray, step: int, start: int
+) -> None:
+    """Rows ``start .. start + step`` of ``X - shift``, formed in float64: their squared norms
+    into ``sq64``, the rows into ``out`` in its precision."""
+    rows = slice(start, start + step)
+    block = np.subtract(X[rows], shift, dtype=np.float64)
+    sq64[rows] = np.einsum("ij,ij->i", block, block)
+    out[rows] = block
+
+
 def _exact_knn_ranks(
     X: np.ndarray,
     k: int,
@@ -994,33 +1030,41 @@ def _exact_knn_ranks(
     keep_workspace: bool,
     info: MutableMapping[str, Any] | None,
     t_start: float,
+    distinct: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_knn` with ``exact_ranks`` (see :func:`_search_partial`)."""
     N, D = X.shape
     timings: dict[str, float] = {}
     extra: dict[str, Any] = {"strategy": "float32-ranks"}
-    t0 = time.perf_counter()
-    shift = _shift(X)
-    # the shifted points are needed only in float32 (and in float64 for a few rows at a time)
-    X32 = _workspace("points32", (N, D), np.float32)
-    sq64 = np.empty(N, dtype=np.float64)
-    step = max(1, (16 * 2**20) // (8 * D))
-    for s in range(0, N, step):
-        block = np.subtract(X[s : s + step], shift, dtype=np.float64)
-        sq64[s : s + step] = np.einsum("ij,ij->i", block, block)
-        X32[s : s + step] = block
-    _check_squares(X, sq64)
-    groups = duplicate_groups(X)
-    timings["prepare"] = time.perf_counter() - t0
-
-    dist_sq = np.empty((N, k + 1), dtype=np.float64)
-    ind = np.empty((N, k + 1), dtype=np.int64)
     with backend.limit_threads(threads):
         workers = _blas_threads()
         extra.update(workers=workers, blas=chosen_library(np.float32))
+        t0 = time.perf_counter()
+        shift = _shift(X, workers)
+        # the shifted points are needed only in float32 (and in float64 for a few rows at a time)
+        X32 = _scratch("points32", (N, D), np.float32)
+        sq64 = np.empty(N, dtype=np.float64)
+        step = max(1, (4 * 2**20) // (8 * D))
+        _run_parallel(
+            functools.partial(_shift_rows, X, shift, sq64, X32, step), range(0, N, step), workers
+        )
+        _check_squares(X, sq64)
+        groups = np.arange(N) if distinct else duplicate_groups(X)
+        timings["prepare"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cand, ckey, nxt = backend.smallest(
+            X32, sq64.astype(np.float32), n_cand, block_rows,
+            memory_limit_gb * 2**30 >= N * N * 4, workers, chunk_k=_CHUNK_K, ordered=True,
+        )
+        timings["candidates_float32"] = time.perf_counter() - t0
+        timings.update(getattr(backend, "seconds", {}))
+        del X32  # allocated after it, the neighbour lists reuse its pages (see _scratch)
+        dist_sq = np.empty((N, k + 1), dtype=np.float64)
+        ind = np.empty((N, k + 1), dtype=np.int64)
         failed = _search_partial(
-            backend, X, shift, X32, sq64, groups, k, n_cand, ranks, cuts, block_rows,
-            memory_limit_gb * 2**30 >= N * N * 4, dist_sq, ind, workers, timings, extra,
+            X, shift, cand, ckey, nxt, sq64, groups, k, ranks, cuts, dist_sq, ind, workers,
+            timings, extra,
         )
         t0 = time.perf_counter()
         if failed.size:
@@ -1277,25 +1321,24 @@ def _shifted(X: np.ndarray, shift: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _search_partial(
-    backend: _Backend,
     X: np.ndarray,
     shift: np.ndarray,
-    X32: np.ndarray,
+    cand: np.ndarray,
+    ckey: np.ndarray,
+    nxt: np.ndarray,
     sq64: np.ndarray,
     groups: np.ndarray,
     k: int,
-    n_cand: int,
     ranks: int,
     cuts: Sequence[np.ndarray],
-    block_rows: int,
-    symmetric: bool,
     dist_sq: np.ndarray,
     ind: np.ndarray,
     workers: int,
     timings: dict[str, float],
     extra: dict[str, Any],
 ) -> np.ndarray:
-    """Float32 candidates; exact float64 values and order for the first ``ranks`` neighbours;
+    """From the float32 candidates (``backend.smallest`` with ``chunk_k=_CHUNK_K, ordered=True``
+    on the shifted points): exact float64 values and order for the first ``ranks`` neighbours;
     the exact set of the first ``c`` neighbours at each cut ``c`` (one per row in each array of
     ``cuts``); float32 values past ``ranks``. Returns the rows that the float32 candidates cannot
     settle (a candidate list too short for a cut's margin): the caller searches them in full.
@@ -1314,14 +1357,8 @@ def _search_partial(
     * a row whose smallest left-out float32 value is not above a margin's upper end is returned.
     """
     N, D = X.shape
+    n_cand = cand.shape[1]
     has_duplicates = bool((groups != np.arange(N)).any())
-    t0 = time.perf_counter()
-    cand, ckey, nxt = backend.smallest(
-        X32, sq64.astype(np.float32), n_cand, block_rows, symmetric, workers,
-        chunk_k=_CHUNK_K, ordered=True,
-    )
-    timings["candidates_float32"] = time.perf_counter() - t0
-    timings.update(getattr(backend, "seconds", {}))
     if not (cand[:, 0] == np.arange(N)).all():
         raise RuntimeError("float32 candidates: a row does not start with its own point")
 
