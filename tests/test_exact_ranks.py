@@ -159,6 +159,7 @@ def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
     X, labels = planted(1200, 64, 8, seed=11)
     cuts = [np.full(len(X), 40)]
     neighbors.release_workspace()
+    monkeypatch.setattr(neighbors, "retaining", lambda: False)
     kept = exact_knn(X, 150, exact_ranks=16, exact_cuts=cuts)
     assert {"matrix", "points32"} <= set(neighbors._WORKSPACE)
     neighbors.release_workspace()
@@ -167,3 +168,28 @@ def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
     assert not {"matrix", "points32"} & set(neighbors._WORKSPACE)
     for a, b in zip(kept, dropped):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ordered_selection_is_the_sorted_prefix(dtype: type) -> None:
+    """Each row's ``n_keep`` smallest keys in increasing order and the next key, as a full sort
+    gives them: negative and positive keys, -inf (the point itself), -0.0, many ties (keys on a
+    coarse grid); float32 keys also come tie-broken by column (one packed sort)."""
+    from replandscape.metrics.neighbors import _select
+
+    rng = np.random.default_rng(8)
+    keys = (np.round(rng.standard_normal((300, 5000)) * 40) / 8 + 6.0).astype(dtype)
+    keys[np.arange(300), np.arange(300)] = -np.inf
+    zeros = np.flatnonzero(keys[5] == 0)
+    keys[5, zeros[1::2]] = -0.0  # equal to 0.0: ordered by column among the zeros
+    n_keep = 1000
+    assert (np.sort(keys[5])[:n_keep] == 0).sum() > 4
+    cand, cvals, nxt = _select(keys, n_keep, ordered=True)
+    full = np.sort(keys, axis=1)
+    np.testing.assert_array_equal(cvals, full[:, :n_keep])
+    np.testing.assert_array_equal(nxt, full[:, n_keep])
+    np.testing.assert_array_equal(np.take_along_axis(keys, cand, axis=1), cvals)
+    assert all(np.unique(row).size == n_keep for row in cand)
+    if dtype == np.float32:
+        ref = np.array([np.lexsort((np.arange(5000), row))[:n_keep] for row in keys])
+        np.testing.assert_array_equal(cand, ref)

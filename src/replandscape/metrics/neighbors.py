@@ -76,9 +76,9 @@ _RERANK_COST = 4.5
 _HASH_COLUMNS = 256
 # float32 products are summed over chunks of this many columns (a tighter error bound)
 _CHUNK_K = 256
+_LITTLE_ENDIAN = sys.byteorder == "little"  # _keep_sorted reads halves of 64-bit integers
 _PANEL_ROWS = 512  # rows of each product of the stored matrix (one panel)
-_BAND_ROWS = 32  # rows whose cut-band points are multiplied together
-_BAND_COLUMNS = 512  # columns of those products at a time
+_BAND_ROWS = 8  # rows whose cut-band points are multiplied together
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
 # per GB in some virtual machines (and a few tenths on bare metal), and an analysis calls the
@@ -303,7 +303,9 @@ def _select(
         mask[bad] = False
         counts[bad] = 0
     good = np.flatnonzero(counts)
-    if good.size:
+    if good.size and ordered and keys.dtype == np.float32 and N <= 2**32 and _LITTLE_ENDIAN:
+        _keep_sorted(keys, mask, counts, good, n_keep, cand, cvals, nxt)
+    elif good.size:
         flat = np.flatnonzero(mask)
         width = int(counts.max())
         # each kept entry's place in the padded block, row * width + its rank in the row: one
@@ -321,6 +323,56 @@ def _select(
     if bad.size:
         keep(bad, keys[bad], None)
     return cand, cvals, nxt
+
+
+def _keep_sorted(
+    keys: np.ndarray,
+    mask: np.ndarray,
+    counts: np.ndarray,
+    good: np.ndarray,
+    n_keep: int,
+    cand: np.ndarray,
+    cvals: np.ndarray,
+    nxt: np.ndarray,
+) -> None:
+    """:func:`_select`'s ordered path for float32 keys: each kept entry packed into one 64-bit
+    integer, its key's bits (mapped so that integer order is float order) above its column,
+    and each row's integers sorted. One sort orders by (key, column), and keys and columns are
+    unpacked from the sorted integers, where sorting the keys and gathering both by the sort's
+    order cost about twice as much."""
+    n_rows, N = keys.shape
+    flat = np.flatnonzero(mask)
+    kept = keys.ravel()[flat]
+    kept += 0.0  # -0.0 becomes 0.0: equal keys, one integer
+    bits = kept.view(np.uint32)
+    # to integer order: a non-negative float's sign bit set, a negative float's bits flipped
+    flip = bits.view(np.int32) >> 31  # -1 where negative, else 0
+    flip |= np.int32(-(2**31))
+    bits ^= flip.view(np.uint32)
+    width = int(counts.max())
+    row_start = np.arange(n_rows, dtype=np.int64)
+    flat -= np.repeat(row_start * N, counts)  # now the column of each kept entry
+    packed = bits.astype(np.uint64)
+    packed <<= np.uint64(32)
+    packed |= flat.view(np.uint64)
+    # each entry's place in the padded block: row * width + its rank in the row
+    place = np.arange(flat.size, dtype=np.int64)
+    place += np.repeat(row_start * width - (np.cumsum(counts) - counts), counts)
+    padded = np.full((n_rows, width), np.iinfo(np.uint64).max, dtype=np.uint64)
+    padded.ravel()[place] = packed
+    block = padded if good.size == n_rows else padded[good]
+    block.sort(axis=1)
+    cols = np.bitwise_and(block[:, :n_keep].view(np.int64), 0xFFFFFFFF)
+    # the keys back from the high halves of the integers (numpy's uint64 is little-endian
+    # here: checked where this runs, by _select)
+    top = block[:, : n_keep + 1].view(np.uint32)[:, 1::2]
+    flip = ~(top.view(np.int32) >> 31)  # -1 where the sign bit is clear (a negative float)
+    flip |= np.int32(-(2**31))
+    vals = np.bitwise_xor(top, flip.view(np.uint32)).view(np.float32)
+    if good.size == n_rows:
+        cand[...], cvals[...], nxt[...] = cols, vals[:, :n_keep], vals[:, n_keep]
+    else:
+        cand[good], cvals[good], nxt[good] = cols, vals[:, :n_keep], vals[:, n_keep]
 
 
 def _rank_blocks(cand: np.ndarray, reach: int, size: int) -> list[np.ndarray]:
@@ -1452,29 +1504,26 @@ def _search_partial(
             r_loc, w_loc = np.nonzero(valid)
             cols = cand[rows][r_loc, pos[r_loc, w_loc]]
             d2 = np.full((n, width), np.inf)
-            dots = np.zeros(r_loc.size)
-            # a few rows at a time, a few hundred columns at a time (so that everything stays
-            # in cache: gathering whole float64 rows cost more than the products): their band
-            # points gathered and shifted (float64, as the exact search holds them), the rows
-            # themselves shifted once (they are contiguous), then the products pair by pair
+            dots = np.empty(r_loc.size)
+            # a few rows at a time: their band points gathered and shifted (float64, as the
+            # exact search holds them), the rows themselves shifted (they are contiguous), one
+            # product of the two (a few times more multiplications than the pairs need, but at
+            # the BLAS's speed, where gathering each pair's rows column block by column block
+            # and summing their products cost 3 times as much), the pairs read from it
             bounds = np.searchsorted(r_loc, np.arange(0, n + _BAND_ROWS, _BAND_ROWS))
             most = int(np.diff(bounds).max())
-            right = np.empty((most, _BAND_COLUMNS), dtype=np.float64)
-            left = np.empty((_BAND_ROWS, _BAND_COLUMNS), dtype=np.float64)
+            right = np.empty((most, D), dtype=np.float64)
+            left = np.empty((_BAND_ROWS, D), dtype=np.float64)
             for b0, b1 in zip(bounds[:-1], bounds[1:]):
                 if b1 == b0:
                     continue
                 m = int(b1 - b0)
                 r0, r1 = int(r_loc[b0]), int(r_loc[b1 - 1]) + 1
-                here = r_loc[b0:b1] - r0
-                for c0 in range(0, D, _BAND_COLUMNS):
-                    c1 = min(D, c0 + _BAND_COLUMNS)
-                    w = c1 - c0
-                    np.subtract(X[rows.start + r0 : rows.start + r1, c0:c1], shift[c0:c1],
-                                out=left[: r1 - r0, :w])
-                    np.subtract(X[cols[b0:b1], c0:c1], shift[c0:c1], out=right[:m, :w])
-                    right[:m, :w] *= left[here, :w]
-                    dots[b0:b1] += right[:m, :w].sum(axis=1)
+                np.subtract(X[rows.start + r0 : rows.start + r1], shift, out=left[: r1 - r0])
+                right[:m] = X[cols[b0:b1]]  # cast, then shift: faster than one mixed-type pass
+                right[:m] -= shift
+                block = product_nt(left[: r1 - r0], right[:m])
+                dots[b0:b1] = block[r_loc[b0:b1] - r0, np.arange(m)]
             vals = sq64[ids[r_loc]] + sq64[cols] - 2.0 * dots
             np.maximum(vals, 0.0, out=vals)
             if has_duplicates:
