@@ -123,6 +123,36 @@ def test_every_blas_candidate_writes_products_into_strided_blocks(dtype: type) -
     assert blas.chosen_library(dtype) in {"numpy matmul", *(label for label, _ in candidates)}
 
 
+def test_blas_choice_does_not_flip_with_timing_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two libraries round a product differently in its last bits, so the choice must be the
+    same in every process: the newest OpenBLAS unless it is clearly (1.5x) slower."""
+    import time
+
+    from replandscape.metrics import blas
+
+    plain = blas._numpy_product
+
+    def candidate(pause: float) -> blas.Product:
+        def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+            time.sleep(pause)
+            return plain(a, b, out)
+
+        return product
+
+    def with_pauses(old: float, new: float) -> str:
+        monkeypatch.setattr(blas, "_numpy_product", candidate(0.004))
+        monkeypatch.setattr(blas, "_openblas_candidates", lambda dtype: [
+            ("openblas 0.3.23.dev Haswell (old.so)", candidate(old)),
+            ("openblas 0.3.30 SkylakeX (new.so)", candidate(new)),
+        ])
+        return blas._choose(np.float64)[0]
+
+    assert with_pauses(0.0, 0.0) == "openblas 0.3.30 SkylakeX (new.so)"
+    assert with_pauses(0.004, 0.005) == "openblas 0.3.30 SkylakeX (new.so)"  # within 1.5x
+    assert with_pauses(0.0, 0.02) == "openblas 0.3.23.dev Haswell (old.so)"
+    assert blas._version("openblas 0.3.23.dev x") == (0, 3, 23, 0)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_products_summed_over_chunks_add_in_the_blas_as_in_two_steps(dtype: type) -> None:
     """The float32 error bound counts one rounding per chunk when the BLAS adds each chunk's

@@ -171,10 +171,14 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
     if N < 2:
         return labels
     cols = np.unique(np.linspace(0, D - 1, min(D, _HASH_COLUMNS)).astype(np.int64))
-    bits = (X[:, cols].astype(np.float64) + 0.0).view(np.uint64)
     weights = np.random.default_rng(20240917).integers(1, 2**63, size=cols.size, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        hashes = (bits * (weights | np.uint64(1))).sum(axis=1, dtype=np.uint64)
+    weights |= np.uint64(1)
+    hashes = np.empty(N, dtype=np.uint64)
+    step = 1024  # rows at a time: the temporaries stay in cache and need no fresh memory
+    for s in range(0, N, step):
+        bits = (X[s : s + step, cols].astype(np.float64) + 0.0).view(np.uint64)
+        with np.errstate(over="ignore"):
+            hashes[s : s + step] = (bits * weights).sum(axis=1, dtype=np.uint64)
     order = np.argsort(hashes, kind="stable")
     sorted_hashes = hashes[order]
     starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
@@ -1480,10 +1484,9 @@ def _search_partial(
     def assemble(rows: slice) -> int:
         n = rows.stop - rows.start
         ids = np.arange(rows.start, rows.stop)
-        a = sq64[rows, None] + ckey[rows].astype(np.float64)
         # the order key of each candidate: -1 itself, 0 the exact first ranks, c the smallest
         # cut whose set holds it, k + 1 the others; a stable sort keeps the float32 order within
-        group: np.ndarray = np.full(a.shape, k + 1, dtype=np.int16 if k < 32000 else np.int64)
+        group: np.ndarray = np.full((n, n_cand), k + 1, dtype=np.int16 if k < 32000 else np.int64)
         group[:, 0] = -1
         np.put_along_axis(group, exact_pos[rows, 1:], 0, axis=1)
         n_band = 0
@@ -1492,7 +1495,7 @@ def _search_partial(
             first, last = lo[c, rows], hi[c, rows]
             use = (kc > ranks) & ~unsafe[rows]
             # sure members: positions 1 .. first - 1
-            sure = np.arange(a.shape[1])[None, :] < np.where(use, first, 0)[:, None]
+            sure = np.arange(n_cand)[None, :] < np.where(use, first, 0)[:, None]
             sure[:, 0] = False
             group[sure] = np.minimum(group[sure], np.repeat(kc, sure.sum(axis=1)).astype(group.dtype))
             width = int((last - first + 1)[use].max(initial=0))
@@ -1500,7 +1503,7 @@ def _search_partial(
                 continue
             pos = first[:, None] + np.arange(width)[None, :]
             valid = (pos <= last[:, None]) & use[:, None]
-            pos = np.minimum(pos, a.shape[1] - 1)
+            pos = np.minimum(pos, n_cand - 1)
             r_loc, w_loc = np.nonzero(valid)
             cols = cand[rows][r_loc, pos[r_loc, w_loc]]
             d2 = np.full((n, width), np.inf)
@@ -1541,18 +1544,22 @@ def _search_partial(
             n_band += int(valid.sum())
         # a stable sort by group; most rows are in order already (the float32 order misplaces
         # a point across rank R or a cut only near a tie): those are copied as they are
+        # (values: |x_i|^2 + the float32 key, in float64, written straight into the output)
         ind[rows] = cand[rows, : k + 1]
-        approx = a[:, : k + 1].copy()
+        approx = dist_sq[rows]
+        approx[...] = ckey[rows, : k + 1]
+        approx += sq64[rows, None]
         moved = np.flatnonzero((group[:, 1:] < group[:, :-1]).any(axis=1))
         if moved.size:
             order = np.argsort(group[moved], axis=1, kind="stable")[:, : k + 1]
-            ind[rows.start + moved] = np.take_along_axis(cand[rows.start + moved], order, axis=1)
-            approx[moved] = np.take_along_axis(a[moved], order, axis=1)
+            at = rows.start + moved
+            ind[at] = np.take_along_axis(cand[at], order, axis=1)
+            approx[moved] = np.take_along_axis(ckey[at], order, axis=1)
+            approx[moved] += sq64[at, None]
         # the exact first ranks in their exact order; float32 values after them, never below
         ind[rows, : ranks + 1] = np.take_along_axis(cand[rows], exact_pos[rows], axis=1)
         approx[:, : ranks + 1] = exact_d2[rows]
         np.maximum.accumulate(approx[:, ranks:], axis=1, out=approx[:, ranks:])
-        dist_sq[rows] = approx
         return n_band
 
     band_sizes = _run_parallel(assemble, _row_chunks(N, workers), workers)
