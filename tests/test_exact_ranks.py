@@ -150,8 +150,8 @@ def test_an_unknown_dadapy_release_gets_whole_exact_lists(monkeypatch: pytest.Mo
 def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A process that keeps freed memory (the analysis stage, ``metrics``) drops the stored key
-    matrix and the float32 points when the search is done with them, so that the neighbour lists
+    """A process that keeps freed memory (the analysis stage, ``metrics``) drops the stored keys
+    and the float32 points when the search is done with them, so that the neighbour lists
     reuse their pages; elsewhere they are kept for the next call. Same neighbours either way,
     and ``distinct=True`` (the caller removed duplicates) changes nothing on distinct rows."""
     from replandscape.metrics import neighbors
@@ -161,11 +161,11 @@ def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
     neighbors.release_workspace()
     monkeypatch.setattr(neighbors, "retaining", lambda: False)
     kept = exact_knn(X, 150, exact_ranks=16, exact_cuts=cuts)
-    assert {"matrix", "points32"} <= set(neighbors._WORKSPACE)
+    assert {"lower", "points32"} <= set(neighbors._WORKSPACE)
     neighbors.release_workspace()
     monkeypatch.setattr(neighbors, "retaining", lambda: True)
     dropped = exact_knn(X, 150, exact_ranks=16, exact_cuts=cuts, distinct=True)
-    assert not {"matrix", "points32"} & set(neighbors._WORKSPACE)
+    assert not {"lower", "points32"} & set(neighbors._WORKSPACE)
     for a, b in zip(kept, dropped):
         np.testing.assert_array_equal(a, b)
 
@@ -193,3 +193,38 @@ def test_ordered_selection_is_the_sorted_prefix(dtype: type) -> None:
     if dtype == np.float32:
         ref = np.array([np.lexsort((np.arange(5000), row))[:n_keep] for row in keys])
         np.testing.assert_array_equal(cand, ref)
+
+
+def test_a_failing_panel_of_the_key_matrix_stops_the_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Panels wait for the keys that earlier panels store: one that fails must wake them (and the
+    search end with its error), never leave them waiting."""
+    import threading
+
+    from replandscape.metrics import neighbors
+
+    X, _ = planted(1800, 32, 6, seed=12)  # 4 panels of 512 rows
+    real = neighbors._product_summed
+    calls = []
+
+    def fails_once(a: np.ndarray, *args: object, **kwargs: object) -> None:
+        calls.append(a.shape[0])
+        if len(calls) == 2:
+            raise MemoryError("no memory for this panel")
+        real(a, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(neighbors, "_product_summed", fails_once)
+    outcome: list[BaseException] = []
+
+    def search() -> None:
+        try:
+            exact_knn(X, 100, exact_ranks=8, exact_cuts=[np.full(len(X), 30)], threads=2)
+        except BaseException as err:  # noqa: BLE001
+            outcome.append(err)
+
+    worker = threading.Thread(target=search, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the search hung waiting for a failed panel"
+    assert outcome and isinstance(outcome[0], (MemoryError, RuntimeError)), outcome
