@@ -170,13 +170,20 @@ def test_scratch_memory_is_dropped_where_freed_memory_is_kept(
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_ordered_selection_is_the_sorted_prefix(dtype: type) -> None:
+@pytest.mark.parametrize(("dtype", "packs"), [(np.float32, True), (np.float32, False),
+                                              (np.float64, False)])
+def test_ordered_selection_is_the_sorted_prefix(
+    dtype: type, packs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each row's ``n_keep`` smallest keys in increasing order and the next key, as a full sort
     gives them: negative and positive keys, -inf (the point itself), -0.0, many ties (keys on a
     coarse grid); float32 keys also come tie-broken by column (one packed sort)."""
+    from replandscape.metrics import neighbors
     from replandscape.metrics.neighbors import _select
 
+    assert neighbors._packs(256, 2**24) and not neighbors._packs(256, 2**24 + 1)
+    if not packs:  # keys of float64, or rows and columns too many to pack into 64 bits
+        monkeypatch.setattr(neighbors, "_packs", lambda n_rows, n: False)
     rng = np.random.default_rng(8)
     keys = (np.round(rng.standard_normal((300, 5000)) * 40) / 8 + 6.0).astype(dtype)
     keys[np.arange(300), np.arange(300)] = -np.inf
@@ -190,7 +197,7 @@ def test_ordered_selection_is_the_sorted_prefix(dtype: type) -> None:
     np.testing.assert_array_equal(nxt, full[:, n_keep])
     np.testing.assert_array_equal(np.take_along_axis(keys, cand, axis=1), cvals)
     assert all(np.unique(row).size == n_keep for row in cand)
-    if dtype == np.float32:
+    if packs:
         ref = np.array([np.lexsort((np.arange(5000), row))[:n_keep] for row in keys])
         np.testing.assert_array_equal(cand, ref)
 
