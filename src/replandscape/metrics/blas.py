@@ -127,8 +127,8 @@ def _choose(dtype: type) -> tuple[str, Product]:
     first analysis pays this once per dtype (0.12 s for both with four times the size).
 
     The choice must not flip with timing noise between processes (two libraries round a product
-    differently in its last bits): the first candidate, OpenBLAS builds newest first and numpy's
-    ``matmul`` last, within 1.5 times the fastest time is taken."""
+    differently in its last bits): candidates are ranked OpenBLAS builds first, newest first,
+    then numpy's ``matmul``, and the first within 1.5 times the fastest time is taken."""
     rng = np.random.default_rng(0)
     a: np.ndarray = rng.standard_normal((192, 512)).astype(dtype)
     b: np.ndarray = rng.standard_normal((192, 512)).astype(dtype)

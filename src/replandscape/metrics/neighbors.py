@@ -83,7 +83,8 @@ _BAND_ROWS = 8  # rows whose cut-band points are multiplied together
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
 # per GB in some virtual machines (and a few tenths on bare metal), and an analysis calls the
-# engine once per layer with the same N. release_workspace() hands the memory back.
+# engine once per layer with the same N. release_workspace() hands the memory back. In a process
+# that keeps freed memory anyway, the largest are ordinary arrays instead (see _scratch).
 _WORKSPACE: dict[str, np.ndarray] = {}
 
 
@@ -1585,9 +1586,9 @@ def _search_partial(
             dots = np.empty(r_loc.size)
             # a few rows at a time: their band points gathered and shifted (float64, as the
             # exact search holds them), the rows themselves shifted (they are contiguous), one
-            # product of the two (a few times more multiplications than the pairs need, but at
-            # the BLAS's speed, where gathering each pair's rows column block by column block
-            # and summing their products cost 3 times as much), the pairs read from it
+            # product of the two (a few times more multiplications than the pairs need, at the
+            # BLAS's speed: what costs is gathering the band points, each a random row of X),
+            # the pairs read from it
             bounds = np.searchsorted(r_loc, np.arange(0, n + _BAND_ROWS, _BAND_ROWS))
             most = int(np.diff(bounds).max())
             right = np.empty((most, D), dtype=np.float64)
