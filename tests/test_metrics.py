@@ -140,16 +140,17 @@ def test_blas_choice_does_not_flip_with_timing_noise(monkeypatch: pytest.MonkeyP
         return product
 
     def with_pauses(old: float, new: float) -> str:
-        monkeypatch.setattr(blas, "_numpy_product", candidate(0.004))
+        monkeypatch.setattr(blas, "_numpy_product", candidate(0.010))
         monkeypatch.setattr(blas, "_openblas_candidates", lambda dtype: [
             ("openblas 0.3.23.dev Haswell (old.so)", candidate(old)),
             ("openblas 0.3.30 SkylakeX (new.so)", candidate(new)),
         ])
         return blas._choose(np.float64)[0]
 
-    assert with_pauses(0.0, 0.0) == "openblas 0.3.30 SkylakeX (new.so)"
-    assert with_pauses(0.004, 0.005) == "openblas 0.3.30 SkylakeX (new.so)"  # within 1.5x
-    assert with_pauses(0.0, 0.02) == "openblas 0.3.23.dev Haswell (old.so)"
+    # pauses of milliseconds, so that a loaded machine's jitter cannot cross the 1.5x line
+    assert with_pauses(0.010, 0.010) == "openblas 0.3.30 SkylakeX (new.so)"
+    assert with_pauses(0.010, 0.012) == "openblas 0.3.30 SkylakeX (new.so)"  # within 1.5x
+    assert with_pauses(0.0, 0.030) == "openblas 0.3.23.dev Haswell (old.so)"
     assert blas._version("openblas 0.3.23.dev x") == (0, 3, 23, 0)
 
 
