@@ -1531,11 +1531,16 @@ def _search_partial(
         width = int(band_r[rows].max()) + 1
         cols = cand[rows, :width]
         valid = np.arange(width)[None, :] <= band_r[rows, None]
-        union = np.unique(cols[valid])
+        # the block's rows first (each row's band starts with itself), so that the product's
+        # left side is a view of its right side rather than a gathered copy
+        found = np.unique(cols[valid])
+        mine = np.zeros(N, dtype=bool)
+        mine[rows] = True
+        union = np.concatenate([rows, found[~mine[found]]])
         slot = np.zeros(N, dtype=np.int64)  # columns outside the band read slot 0, then inf
         slot[union] = np.arange(union.size)
-        right = _shifted(X, shift, union)  # holds the rows too (each row's band starts with it)
-        dots = product_nt(right[slot[rows]], right)
+        right = _shifted(X, shift, union)
+        dots = product_nt(right[: rows.size], right)
         dots = np.take_along_axis(dots, slot[cols], axis=1)
         exact = sq64[rows, None] + sq64[cols] - 2.0 * dots
         np.maximum(exact, 0.0, out=exact)
