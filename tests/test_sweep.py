@@ -151,8 +151,11 @@ def test_failing_job_shows_its_error_in_status(slurm_cluster: object, tmp_path: 
 def test_cancelled_job_reads_cancelled(slurm_cluster: object, tmp_path: Path) -> None:
     from replandscape.launch import submit_plan
 
-    cfg = _small(tmp_path, prompts={"shots": [5]}, extract={"batch_size": 1},
-                 finetune={"enabled": False})
+    # a job that runs for minutes, so that it cannot complete between being seen running and
+    # the cancel taking effect (a few seconds of work did, on a loaded machine)
+    model = dict(TINY_MODEL, name="slow", n_layers=8, hidden_size=512, tiny_intermediate_size=2048)
+    cfg = _small(tmp_path, data={"limit": 360}, model=model, prompts={"shots": [5]},
+                 extract={"batch_size": 1}, finetune={"enabled": False})
     sweep = single_experiment(str(cfg), SLURM)
     jobs = [j for j in plan_sweep(sweep) if j.stage == "extract"]
     record = submit_plan(sweep, jobs, tmp_path / "logs")
