@@ -78,7 +78,7 @@ _HASH_COLUMNS = 256  # columns hashed to find duplicate rows, in _HASH_RUNS runs
 _HASH_RUNS = 4
 # float32 products are summed over chunks of this many columns (a tighter error bound)
 _CHUNK_K = 256
-_PANEL_ROWS = 512  # rows of each product of the stored matrix (one panel)
+_PANEL_ROWS = 512  # rows of each product of the symmetric search (one panel)
 _BAND_ROWS = 8  # rows whose cut-band points are multiplied together
 
 # Large scratch arrays are kept between calls: first-touching fresh memory costs about a second
@@ -495,7 +495,7 @@ def _neighbourhood_blocks(cand: np.ndarray, ckey: np.ndarray, size: int) -> list
 class _Backend(Protocol):
     name: str
     float64_speed_ratio: float  # float32 over float64 matrix-product throughput
-    symmetric: bool  # whether ``smallest`` can fill a stored matrix from half the products
+    symmetric: bool  # whether ``smallest`` can get every key from half the products
 
     def smallest(
         self,
@@ -925,14 +925,18 @@ def exact_knn(
             candidate sets of a few hundred rows; see the module docstring).
         margin: float32 candidates kept per row beyond ``k + 1`` (default ``max(32, k // 20)``);
             a larger margin only makes the exhaustive fallback rarer.
-        memory_limit_gb: the ``N x N`` matrix is stored (so only half of it is computed, by
-            symmetry) when it fits in this much memory; otherwise the threads' blocks of keys
-            and re-ranking buffers are sized to stay within it.
-        keep_workspace: keep the large scratch arrays (the stored matrix or the threads'
-            blocks of keys, the re-ranking buffers, the shifted points) for the next call, which
-            skips the cost of first-touching fresh memory; at most twice ``memory_limit_gb``
-            plus ``12 N D`` bytes stay allocated until :func:`release_workspace`. The engine is
-            therefore not re-entrant across calling threads (it runs its own threads inside).
+        memory_limit_gb: when a full ``N x N`` matrix of keys fits in this much memory, each
+            pair's product is computed once, by symmetry, and the half that later rows need is
+            stored (about half that matrix, see :func:`_symmetric_select`); otherwise the
+            threads' blocks of keys and re-ranking buffers are sized to stay within it.
+        keep_workspace: keep the large scratch arrays (the stored keys or the threads' blocks
+            of keys, the re-ranking buffers, the shifted points) for the next call, which skips
+            the cost of first-touching fresh memory; at most twice ``memory_limit_gb`` plus
+            ``12 N D`` bytes stay allocated until :func:`release_workspace`. In a process that
+            keeps freed memory (:func:`replandscape.allocator.retain_freed_memory`) the largest
+            are dropped instead as soon as they are used (their pages stay in the process).
+            The engine is therefore not re-entrant across calling threads (it runs its own
+            threads inside).
         huge_pages: let numpy ask for transparent huge pages for the large arrays allocated
             during the call (its default on Linux). Off by default: on virtual machines whose
             host reclaims freed memory, first-touching huge pages costs several times more than
