@@ -401,13 +401,8 @@ def _rank_blocks(cand: np.ndarray, reach: int, size: int) -> list[np.ndarray]:
     its rows' first ranks (what its one product covers) stays close to the block itself. Small
     blocks are not merged: a merged block's product would cover the union of unrelated
     neighbourhoods for every row."""
-    N = cand.shape[0]
-    placed = np.zeros(N, dtype=bool)
-    blocks: list[np.ndarray] = []
-    for seed in range(N):
-        if placed[seed]:
-            continue
-        placed[seed] = True
+
+    def grow(seed: int, placed: np.ndarray) -> np.ndarray:
         members = [np.array([seed])]
         frontier = members[0]
         count = 1
@@ -418,7 +413,24 @@ def _rank_blocks(cand: np.ndarray, reach: int, size: int) -> list[np.ndarray]:
             members.append(new)
             count += new.size
             frontier = new
-        blocks.append(np.concatenate(members))
+        return np.concatenate(members)
+
+    return _seeded_blocks(cand.shape[0], grow)
+
+
+def _seeded_blocks(
+    N: int, grow: Callable[[int, np.ndarray], np.ndarray]
+) -> list[np.ndarray]:
+    """Rows ``0 .. N - 1`` covered greedily: each row not yet placed seeds a block, which
+    ``grow(seed, placed)`` returns (the seed among its members) after marking its members in
+    ``placed``."""
+    placed = np.zeros(N, dtype=bool)
+    blocks: list[np.ndarray] = []
+    for seed in range(N):
+        if placed[seed]:
+            continue
+        placed[seed] = True
+        blocks.append(grow(seed, placed))
     return blocks
 
 
@@ -461,16 +473,15 @@ def _neighbourhood_blocks(cand: np.ndarray, ckey: np.ndarray, size: int) -> list
     candidates stays close to one neighbourhood. Small leftover blocks are merged, which costs
     nothing in products and saves calls.
     """
-    N = cand.shape[0]
-    placed = np.zeros(N, dtype=bool)
-    blocks: list[np.ndarray] = []
-    for seed in range(N):
-        if placed[seed]:
-            continue
+
+    def grow(seed: int, placed: np.ndarray) -> np.ndarray:
         nearest = cand[seed][np.argsort(ckey[seed], kind="stable")]
-        members = nearest[~placed[nearest]][:size]
+        # the seed, just placed, is its own nearest candidate: it leads the block
+        members = nearest[(~placed[nearest]) | (nearest == seed)][:size]
         placed[members] = True
-        blocks.append(members)
+        return members
+
+    blocks = _seeded_blocks(cand.shape[0], grow)
     merged: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     n_pending = 0
