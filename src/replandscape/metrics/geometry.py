@@ -500,6 +500,14 @@ def compute_geometry(
             # one search serves both: a prefix of a (distance, index)-sorted list is the shorter list
             k_search = max(params.maxk, k_overlap)
             R, cuts = exact_reads(params, N, codes)
+
+            def exact_search() -> tuple[np.ndarray, np.ndarray]:
+                """Every neighbour list exact (Xu has no duplicate rows)."""
+                return exact_knn(
+                    Xu, k_search, threads=params.threads, device=params.device,  # type: ignore[arg-type]
+                    distinct=True,
+                )
+
             partial = (neighbours is None and not exact_neighbours and k_search > R
                        and _reads_known())
             if neighbours is not None:
@@ -513,7 +521,7 @@ def compute_geometry(
                 )
                 partial = search_info.get("strategy") == "float32-ranks"
             else:
-                dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device, distinct=True)  # type: ignore[arg-type]
+                dist, ind = exact_search()
             # imported only now: importing dadapy takes seconds (it loads jax), which a caller
             # may have started in another thread while the search ran (``replandscape metrics``)
             from dadapy import Data
@@ -529,7 +537,7 @@ def compute_geometry(
                 scratch.compute_density_kNN(k=params.density_k)
                 rows = _adp_rows_past(ind[:, :m], scratch, params.Z, R, exact_row)
                 if rows is None:  # not decidable: every row exact
-                    dist, ind = exact_knn(Xu, k_search, threads=params.threads, device=params.device, distinct=True)  # type: ignore[arg-type]
+                    dist, ind = exact_search()
                     break
                 if not rows.size:
                     break
